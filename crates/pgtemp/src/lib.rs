@@ -16,6 +16,7 @@ mod run_as;
 use std::ffi::OsStr;
 use std::io;
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -332,8 +333,10 @@ fn create_cluster_dir(run_as: Option<&RunAs>) -> Result<PathBuf, PgTempError> {
                 })?
         }
     };
+    // Private: the socket inside accepts anyone as superuser (trust authentication).
     let dir = tempfile::Builder::new()
         .prefix("membrane-pgtemp-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(&parent)
         .map_err(|source| PgTempError::Io {
             what: format!("creating a cluster directory in {}", parent.display()),
