@@ -118,7 +118,7 @@ impl BucketDef {
 }
 
 fn canonical_criteria(text: &str) -> String {
-    let (tokens, _) = tokenize(text);
+    let tokens = tokenize(text).tokens;
     let pieces: Vec<&str> = tokens
         .iter()
         .map(|token| &text[token.span.clone()])
@@ -298,7 +298,11 @@ fn parse_with_id_span(path: &Path, text: &str) -> Result<(BucketDef, Range<usize
     let table = DeTable::parse(text).map_err(|err| {
         let span = err.span().unwrap_or(0..0);
         let message = format!("invalid TOML: {}", err.message().trim_end());
-        file_diagnostics(path, text, vec![Diagnostic::new(message, span, "here")])
+        file_diagnostics(
+            path,
+            text,
+            vec![Diagnostic::new(message, span, "invalid TOML here")],
+        )
     })?;
     let mut reader = Reader {
         table: table.get_ref(),

@@ -84,7 +84,8 @@ impl Diagnostics {
     }
 
     /// The diagnostics as a JSON array of
-    /// `{file, line, column, end_line, end_column, message, label, help}` (1-based, columns in chars).
+    /// `{file, line, column, end_line, end_column, message, label, help}`: 1-based, columns
+    /// counted in chars, the end just past the span.
     pub fn to_json(&self) -> serde_json::Value {
         let items = self.items.iter().map(|item| {
             let span = self.clamp(&item.span);

@@ -28,23 +28,33 @@ pub(crate) struct Token {
     pub span: Span,
 }
 
-/// Tokenizes `src`; the result always ends with one [`TokenKind::Eof`].
-pub(crate) fn tokenize(src: &str) -> (Vec<Token>, Vec<Diagnostic>) {
+pub(crate) struct Lexed {
+    /// Always ends with one [`TokenKind::Eof`].
+    pub tokens: Vec<Token>,
+    pub diags: Vec<Diagnostic>,
+    /// Where the first unterminated string starts: what follows it is garbled, so parse errors
+    /// from there on are noise.
+    pub unterminated_string: Option<usize>,
+}
+
+pub(crate) fn tokenize(src: &str) -> Lexed {
     let mut lexer = Lexer {
         src,
         pos: 0,
-        tokens: Vec::new(),
-        diags: Vec::new(),
+        lexed: Lexed {
+            tokens: Vec::new(),
+            diags: Vec::new(),
+            unterminated_string: None,
+        },
     };
     lexer.run();
-    (lexer.tokens, lexer.diags)
+    lexer.lexed
 }
 
 struct Lexer<'s> {
     src: &'s str,
     pos: usize,
-    tokens: Vec<Token>,
-    diags: Vec<Diagnostic>,
+    lexed: Lexed,
 }
 
 fn is_ident_char(c: char) -> bool {
@@ -68,7 +78,7 @@ impl Lexer<'_> {
     }
 
     fn push(&mut self, kind: TokenKind, start: usize) {
-        self.tokens.push(Token {
+        self.lexed.tokens.push(Token {
             kind,
             span: start..self.pos,
         });
@@ -123,7 +133,7 @@ impl Lexer<'_> {
                 }
                 _ => {
                     self.pos += c.len_utf8();
-                    self.diags.push(Diagnostic::new(
+                    self.lexed.diags.push(Diagnostic::new(
                         format!("unexpected character `{c}`"),
                         start..self.pos,
                         "not part of the criteria language",
@@ -131,7 +141,7 @@ impl Lexer<'_> {
                 }
             }
         }
-        self.tokens.push(Token {
+        self.lexed.tokens.push(Token {
             kind: TokenKind::Eof,
             span: self.src.len()..self.src.len(),
         });
@@ -151,7 +161,7 @@ impl Lexer<'_> {
             ('>', false) => CmpOp::Gt,
             ('>', true) => CmpOp::Ge,
             ('=', false) => {
-                self.diags.push(
+                self.lexed.diags.push(
                     Diagnostic::new("`=` is not a comparison", start..self.pos, "use `==`")
                         .with_help(
                             "compare for equality with `==`, e.g. `prop(\"plan\") == \"pro\"`",
@@ -160,7 +170,7 @@ impl Lexer<'_> {
                 CmpOp::Eq
             }
             _ => {
-                self.diags.push(
+                self.lexed.diags.push(
                     Diagnostic::new("unexpected `!`", start..self.pos, "not an operator here")
                         .with_help("write `!=` for inequality or `not` to negate a condition"),
                 );
@@ -175,7 +185,7 @@ impl Lexer<'_> {
         let start = self.pos;
         self.pos += if second == Some(first) { 2 } else { 1 };
         let keyword = if first == '&' { "and" } else { "or" };
-        self.diags.push(Diagnostic::new(
+        self.lexed.diags.push(Diagnostic::new(
             format!("unexpected `{}`", &self.src[start..self.pos]),
             start..self.pos,
             format!("write `{keyword}`"),
@@ -190,7 +200,7 @@ impl Lexer<'_> {
         let start = self.pos;
         self.pos += 1;
         if quote == '\'' {
-            self.diags.push(
+            self.lexed.diags.push(
                 Diagnostic::new("strings use double quotes", start..start + 1, "use `\"`")
                     .with_help("write `\"name\"`, not `'name'`"),
             );
@@ -221,7 +231,8 @@ impl Lexer<'_> {
     }
 
     fn unterminated(&mut self, start: usize, value: String) {
-        self.diags.push(
+        self.lexed.unterminated_string.get_or_insert(start);
+        self.lexed.diags.push(
             Diagnostic::new(
                 "unterminated string",
                 start..self.pos,
@@ -276,7 +287,7 @@ impl Lexer<'_> {
     }
 
     fn bad_escape(&mut self, start: usize, message: &str) -> Option<char> {
-        self.diags.push(
+        self.lexed.diags.push(
             Diagnostic::new(message, start..self.pos, "invalid escape")
                 .with_help("known escapes are `\\\"`, `\\\\`, `\\n`, `\\t`, `\\r` and `\\u{...}`"),
         );

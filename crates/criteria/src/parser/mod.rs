@@ -37,16 +37,23 @@ const COMPARISONS: &str = "a comparison (`==`, `!=`, `<`, `<=`, `>`, `>=`)";
 
 /// Parses criteria text. Spans in the result (and in the errors) are byte offsets into `src`.
 pub fn parse_criteria(src: &str) -> Result<Expr, Vec<Diagnostic>> {
-    let (tokens, lexer_diags) = tokenize(src);
+    let lexed = tokenize(src);
     let mut parser = Parser {
         src,
-        tokens: &tokens,
+        tokens: &lexed.tokens,
         pos: 0,
         depth: 0,
-        diags: lexer_diags,
+        diags: Vec::new(),
     };
     let parsed = parser.criteria();
-    let mut diags = parser.diags;
+    let garbled_from = lexed.unterminated_string.unwrap_or(usize::MAX);
+    let mut diags = lexed.diags;
+    diags.extend(
+        parser
+            .diags
+            .into_iter()
+            .filter(|d| d.span.start < garbled_from),
+    );
     diags.sort_by_key(|d| (d.span.start, d.span.end));
     match parsed {
         Ok(expr) if diags.is_empty() => Ok(expr),
