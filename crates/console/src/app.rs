@@ -128,7 +128,7 @@ impl App {
         }
     }
 
-    /// Buckets matching the filter, in snapshot order.
+    /// Buckets whose id or description contains the filter (ignoring case), in snapshot order.
     pub fn visible_buckets(&self) -> Vec<&BucketSummary> {
         let Some(snapshot) = &self.snapshot else {
             return Vec::new();
@@ -137,7 +137,10 @@ impl App {
         snapshot
             .buckets
             .iter()
-            .filter(|bucket| bucket.id.to_lowercase().contains(&needle))
+            .filter(|bucket| {
+                bucket.id.to_lowercase().contains(&needle)
+                    || bucket.description.to_lowercase().contains(&needle)
+            })
             .collect()
     }
 

@@ -649,7 +649,10 @@ fn render_footer(frame: &mut Frame, area: Rect, app: &App) {
 const HELP: &[(&str, &str)] = &[
     ("?", "show / hide this help"),
     ("q, Ctrl-C", "quit"),
-    ("/", "filter buckets by id (Enter keeps it, Esc clears it)"),
+    (
+        "/",
+        "filter buckets by id or description (Enter keeps, Esc clears)",
+    ),
     ("Esc", "back to the overview, or clear the filter"),
     ("Tab, Shift-Tab", "focus the next / previous pane"),
     ("j/k, ↓/↑", "move the selection or scroll the focused pane"),

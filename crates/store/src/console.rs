@@ -345,17 +345,19 @@ pub async fn set_bucket_enabled(store: &Store, bucket_id: &str, enabled: bool) -
 
 /// Test fixture only: fills an empty, migrated database with a small, fixed scene for console
 /// tests — three buckets (healthy, failing with a diagnostic, disabled), members, transitions,
-/// a sweep, an engine heartbeat and queued changes. Event instants are fixed; rows whose age the
-/// console shows (heartbeat, queue, transition creation) are placed relative to the database
-/// clock so the rendered ages are stable.
+/// a sweep, an engine heartbeat and queued changes. Instants the console prints as times are
+/// fixed; those it prints as ages are placed relative to the database clock, which is returned
+/// so a test can render ages as of the seeding instant.
 #[doc(hidden)]
-pub async fn seed_demo_rows_for_tests(store: &Store) -> Result<()> {
+pub async fn seed_demo_rows_for_tests(store: &Store) -> Result<DateTime<Utc>> {
     let mut tx = store.pool().begin().await?;
     for statement in DEMO_ROWS {
         sqlx::query(statement).execute(&mut *tx).await?;
     }
+    // now() is the transaction's start, the instant every relative row above was placed at.
+    let seeded_at = sqlx::query_scalar("SELECT now()").fetch_one(&mut *tx).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(seeded_at)
 }
 
 const DEMO_ROWS: &[&str] = &[
@@ -365,19 +367,20 @@ const DEMO_ROWS: &[&str] = &[
      VALUES
          ('active-users', 'buckets/active-users.toml', 'Had a session in the last 7 days',
           'criteria = ''event(\"session_start\").within(7d).exists()''', 'h1', true, true, 'ok',
-          NULL, 'h1', 2, '2025-01-01T12:00:00Z'),
+          NULL, 'h1', 2, now() - interval '1 hour'),
          ('big-spenders', 'buckets/big-spenders.toml', 'Lifetime value over 1000',
           'criteria = ''prop(\"ltv\") > 1000''', 'h2', false, true, 'error',
           E'error: expected a comparison operator\\n --> buckets/big-spenders.toml:3:14\\n  |\\n3 |   prop(\"ltv\") >> 1000\\n  |              ^^ expected one of ==, !=, <, <=, >, >=',
-          'h2', 1, '2025-01-01T12:00:00Z'),
+          'h2', 1, now() - interval '5 minutes'),
          ('newsletter', 'buckets/newsletter.toml', 'Subscribed to the newsletter',
           'criteria = ''prop(\"newsletter\") == true''', 'h3', false, false, 'ok',
-          NULL, 'h3', 0, '2025-01-01T12:00:00Z')",
+          NULL, 'h3', 0, now() - interval '2 days')",
     "INSERT INTO memberships (bucket_id, user_id, epoch, status, entered_at, left_at) VALUES
-         ('active-users', 'alice', 1, 'active', '2025-01-01T11:00:00Z', NULL),
-         ('active-users', 'bob', 2, 'active', '2025-01-01T11:30:00Z', NULL),
-         ('active-users', 'carol', 1, 'left', '2025-01-01T10:00:00Z', '2025-01-01T11:45:00Z'),
-         ('big-spenders', 'alice', 1, 'active', '2025-01-01T11:05:00Z', NULL)",
+         ('active-users', 'alice', 1, 'active', now() - interval '1 day', NULL),
+         ('active-users', 'bob', 2, 'active', now() - interval '20 seconds', NULL),
+         ('active-users', 'carol', 1, 'left', now() - interval '2 days',
+          now() - interval '10 seconds'),
+         ('big-spenders', 'alice', 1, 'active', now() - interval '25 seconds', NULL)",
     "INSERT INTO transitions (key, bucket_id, user_id, kind, epoch, label, source, reason,
                               occurred_at, created_at) VALUES
          ('bucket:active-users:alice:entered:1', 'active-users', 'alice', 'entered', 1, NULL,
@@ -392,8 +395,8 @@ const DEMO_ROWS: &[&str] = &[
           'timer', 'dwell', '2025-01-01T11:50:00Z', now() - interval '5 seconds')",
     "INSERT INTO sweep_runs (bucket_id, engine_id, started_at, finished_at, checked, joined,
                              left_count)
-     VALUES ('active-users', 'engine-a', '2025-01-01T11:59:00Z', '2025-01-01T11:59:00.250Z',
-             3, 0, 1)",
+     VALUES ('active-users', 'engine-a', now() - interval '42.25 seconds',
+             now() - interval '42 seconds', 3, 0, 1)",
     "INSERT INTO engine_heartbeats (engine_id, hostname, pid, started_at, last_seen_at, stats)
      VALUES ('engine-a', 'worker-1', 4242, now() - interval '1 hour', now(),
              '{\"workers\": 4, \"timers_due\": 2}')",

@@ -3,4 +3,5 @@
 
 mod fixture;
 mod keys;
+mod real_database;
 mod render;
