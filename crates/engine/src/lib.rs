@@ -1,1 +1,162 @@
+//! The running engine: the bucket registry with hot reload, the real-time evaluator, sweeps,
+//! backfills and heartbeats. All coordination with other engine processes goes through
+//! Postgres; nothing here assumes it is the only engine.
 
+mod background;
+pub mod evaluate;
+pub mod registry;
+mod reload;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use membrane_store::Store;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub use registry::{LoadFailure, LoadedBucket, Registry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] membrane_store::StoreError),
+    #[error("bucket `{bucket}`: predicate failed: {source}")]
+    Predicate {
+        bucket: String,
+        source: membrane_wasm::EvalError,
+    },
+    #[error("cannot start the WASM sandbox: {0}")]
+    Sandbox(#[from] membrane_wasm::EngineError),
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error("cannot watch {path}: {source}")]
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub buckets_dir: PathBuf,
+    pub engine_id: String,
+    /// How often time-based buckets are re-checked set-based.
+    pub sweep_interval: Duration,
+    /// Queue entries claimed per real-time round.
+    pub batch_size: i64,
+    /// Users per set-based page of sweeps and backfills.
+    pub page_size: i64,
+    /// Poll interval of the queue when no notification arrives.
+    pub poll_interval: Duration,
+    pub wasm_limits: membrane_wasm::Limits,
+}
+
+impl EngineConfig {
+    pub fn new(buckets_dir: PathBuf) -> EngineConfig {
+        EngineConfig {
+            buckets_dir,
+            engine_id: format!("engine-{}-{}", std::process::id(), rand_suffix()),
+            sweep_interval: Duration::from_secs(60),
+            batch_size: 500,
+            page_size: 2_000,
+            poll_interval: Duration::from_millis(250),
+            wasm_limits: membrane_wasm::Limits::default(),
+        }
+    }
+}
+
+fn rand_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("{nanos:08x}")
+}
+
+/// Counters published in heartbeats.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub rounds: AtomicU64,
+    pub evaluations: AtomicU64,
+    pub transitions: AtomicU64,
+    pub sweeps: AtomicU64,
+    pub reloads: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl Stats {
+    fn to_json(&self) -> serde_json::Value {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        serde_json::json!({
+            "rounds": read(&self.rounds),
+            "evaluations": read(&self.evaluations),
+            "transitions": read(&self.transitions),
+            "sweeps": read(&self.sweeps),
+            "reloads": read(&self.reloads),
+            "errors": read(&self.errors),
+        })
+    }
+}
+
+/// State shared by the engine's tasks.
+pub(crate) struct Shared {
+    store: Store,
+    config: EngineConfig,
+    wasm: membrane_wasm::Engine,
+    registry: ArcSwap<Registry>,
+    stats: Stats,
+    /// Woken after each reload: a bucket may need its members materialized.
+    backfill_due: tokio::sync::Notify,
+}
+
+/// A running engine. Dropping it without [`EngineHandle::shutdown`] aborts its tasks.
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl EngineHandle {
+    pub fn registry(&self) -> Arc<Registry> {
+        self.shared.registry.load_full()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Stops every task after its current round and waits for them.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Loads `buckets/`, records what loaded and what failed, and starts the engine's tasks.
+pub async fn start(store: Store, config: EngineConfig) -> Result<EngineHandle, EngineError> {
+    let shared = Arc::new(Shared {
+        wasm: membrane_wasm::Engine::new(config.wasm_limits)?,
+        store,
+        config,
+        registry: ArcSwap::from_pointee(Registry::default()),
+        stats: Stats::default(),
+        backfill_due: tokio::sync::Notify::new(),
+    });
+    reload::reload_now(&shared).await?;
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let watcher = reload::watch(shared.clone(), stopped.clone())?;
+    tasks.spawn(watcher);
+    tasks.spawn(background::realtime(shared.clone(), stopped.clone()));
+    tasks.spawn(background::sweeps(shared.clone(), stopped.clone()));
+    tasks.spawn(background::backfills(shared.clone(), stopped.clone()));
+    tasks.spawn(background::heartbeats(shared.clone(), stopped));
+    Ok(EngineHandle {
+        shared,
+        stop,
+        tasks,
+    })
+}

@@ -1,1 +1,322 @@
-fn main() {}
+//! The `membrane` command line: check bucket files, run the engine, watch it in the console,
+//! import events, and run the demo.
+
+mod demo;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use membrane_engine::EngineConfig;
+use membrane_store::Store;
+
+#[derive(Parser)]
+#[command(
+    name = "membrane",
+    version,
+    about = "Live, rule-defined groups of users over Postgres"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Human,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct Database {
+    /// Postgres URL of the membrane database.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+}
+
+#[derive(clap::Args, Clone)]
+struct EngineArgs {
+    /// Directory of bucket files, watched for changes.
+    #[arg(long, default_value = "buckets")]
+    buckets: PathBuf,
+    /// How often time-based buckets are swept, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    sweep_interval: f64,
+    /// Address of the HTTP API (port 0 picks a free port; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Accepted write keys for ingest, comma-separated. Without any, ingest is open.
+    #[arg(long, env = "MEMBRANE_WRITE_KEYS", value_delimiter = ',')]
+    write_key: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check bucket files (default: buckets/) and report every error with file:line:col.
+    Check {
+        paths: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+    /// Apply the database migrations.
+    Migrate {
+        #[command(flatten)]
+        db: Database,
+    },
+    /// Run the engine: HTTP ingest, real-time evaluation, sweeps and hot reload.
+    Run {
+        #[command(flatten)]
+        db: Database,
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Also open the console in this terminal.
+        #[arg(long)]
+        console: bool,
+    },
+    /// Open the console on a database an engine writes to.
+    Console {
+        #[command(flatten)]
+        db: Database,
+    },
+    /// Import Segment messages (one JSON object per line, each with its `type`).
+    Import {
+        #[command(flatten)]
+        db: Database,
+        file: PathBuf,
+        /// Messages per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
+    /// A private Postgres (unless DATABASE_URL is set), sample users, live traffic and the console.
+    Demo {
+        #[command(flatten)]
+        options: demo::DemoOptions,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    match command {
+        Command::Check { paths, format } => return Ok(check(&paths, format)),
+        Command::Migrate { db } => {
+            init_logs(None);
+            connect(&db.database_url).await?;
+            println!("migrations applied");
+        }
+        Command::Run {
+            db,
+            engine,
+            console,
+        } => {
+            let store = connect(&db.database_url).await?;
+            let logs = console.then(|| std::env::temp_dir().join("membrane.log"));
+            init_logs(logs.as_deref());
+            serve(store, engine, console).await?;
+        }
+        Command::Console { db } => {
+            let store = Store::connect(&db.database_url)
+                .await
+                .with_context(|| format!("cannot connect to {}", redact(&db.database_url)))?;
+            membrane_console::run(store).await?;
+        }
+        Command::Import { db, file, batch } => {
+            init_logs(None);
+            let store = connect(&db.database_url).await?;
+            import(&store, &file, batch).await?;
+        }
+        Command::Demo { options } => demo::run(options).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logs(file: Option<&Path>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let opened = file.and_then(|path| std::fs::File::create(path).ok());
+    match opened {
+        Some(log) => builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(log))
+            .init(),
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+}
+
+/// A database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Connects and applies migrations.
+async fn connect(url: &str) -> Result<Store> {
+    let store = Store::connect(url)
+        .await
+        .with_context(|| format!("cannot connect to {}", redact(url)))?;
+    store.migrate().await.context("cannot apply migrations")?;
+    Ok(store)
+}
+
+fn check(paths: &[PathBuf], format: Format) -> std::process::ExitCode {
+    let default = [PathBuf::from("buckets")];
+    let paths = if paths.is_empty() {
+        &default[..]
+    } else {
+        paths
+    };
+    let mut buckets = Vec::new();
+    let mut errors = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let report = membrane_criteria::bucket::load_dir(path);
+            buckets.extend(report.buckets);
+            errors.extend(report.errors);
+        } else {
+            match membrane_criteria::bucket::load_bucket(path) {
+                Ok(bucket) => buckets.push(bucket),
+                Err(diagnostics) => errors.push(diagnostics),
+            }
+        }
+    }
+    match format {
+        Format::Human => {
+            for diagnostics in &errors {
+                eprint!("{}", diagnostics.render());
+            }
+            for bucket in &buckets {
+                println!("ok  {}  ({})", bucket.id, bucket.path.display());
+            }
+            let problems: usize = errors.iter().map(|d| d.items.len()).sum();
+            if problems > 0 {
+                eprintln!(
+                    "error: {problems} problem(s) in {} file(s); {} bucket(s) ok",
+                    errors.len(),
+                    buckets.len()
+                );
+            } else {
+                println!("{} bucket(s) ok", buckets.len());
+            }
+        }
+        Format::Json => {
+            let report = serde_json::json!({
+                "ok": buckets.iter().map(|b| serde_json::json!({"id": b.id, "file": b.path.display().to_string()})).collect::<Vec<_>>(),
+                "errors": errors.iter().map(|d| d.to_json()).collect::<Vec<_>>(),
+            });
+            println!("{report:#}");
+        }
+    }
+    // 0: all good, 1: problems found, 2 is left to usage errors (clap).
+    if errors.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(1)
+    }
+}
+
+/// Runs the engine and the HTTP API until Ctrl-C (or until the console quits).
+async fn serve(store: Store, args: EngineArgs, console: bool) -> Result<()> {
+    if !args.buckets.is_dir() {
+        bail!(
+            "bucket directory {} does not exist: pass --buckets DIR",
+            args.buckets.display()
+        );
+    }
+    let mut config = EngineConfig::new(args.buckets.clone());
+    config.sweep_interval = Duration::from_secs_f64(args.sweep_interval.max(0.05));
+    let engine = membrane_engine::start(store.clone(), config)
+        .await
+        .context("cannot start the engine")?;
+    if args.write_key.is_empty() {
+        tracing::warn!(
+            "no write keys configured (--write-key / MEMBRANE_WRITE_KEYS): ingest is open"
+        );
+    }
+    let api = membrane_http::router(
+        store.clone(),
+        membrane_http::ApiConfig {
+            write_keys: args.write_key.clone(),
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    tracing::info!("listening on http://{address}");
+    if !console {
+        println!("listening on http://{address}");
+    }
+    let server = tokio::spawn(async move { axum::serve(listener, api).await });
+    if console {
+        membrane_console::run(store).await?;
+    } else {
+        tokio::signal::ctrl_c().await?;
+    }
+    server.abort();
+    engine.shutdown().await;
+    Ok(())
+}
+
+async fn import(store: &Store, file: &Path, batch: usize) -> Result<()> {
+    use std::io::BufRead;
+    let reader = std::io::BufReader::new(
+        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
+    );
+    let now = chrono::Utc::now();
+    let mut pending = Vec::with_capacity(batch);
+    let (mut applied, mut duplicates) = (0, 0);
+    for (index, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", file.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let location = format!("{}:{}", file.display(), index + 1);
+        let value: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("{location}: not a JSON object"))?;
+        let message = membrane_http::parse_message(&value, None, "", now)
+            .map_err(|e| anyhow::anyhow!("{location}: field `{}`: {}", e.pointer, e.message))?;
+        pending.push(message);
+        if pending.len() >= batch.max(1) {
+            let outcome = store.ingest(&pending).await?;
+            applied += outcome.applied;
+            duplicates += outcome.duplicates;
+            pending.clear();
+        }
+    }
+    let outcome = store.ingest(&pending).await?;
+    applied += outcome.applied;
+    duplicates += outcome.duplicates;
+    println!("imported {applied} message(s), skipped {duplicates} duplicate(s)");
+    Ok(())
+}

@@ -1,8 +1,20 @@
 //! Every SQL statement membrane runs lives in this crate: migrations, ingest, the evaluation
 //! queue, fact gathering, memberships and the transitions outbox, bucket state and console reads.
 
+pub mod buckets;
 pub mod console;
+pub mod facts;
+pub mod ingest;
+pub mod membership;
+pub mod reads;
+pub mod round;
 pub mod testing;
+
+pub use buckets::{BucketSwitch, BucketVersion, SweepRun};
+pub use ingest::{IngestOutcome, Message, QUEUE_CHANNEL};
+pub use membership::{ActiveMember, Applied, EntryRule, Source, TRANSITIONS_CHANNEL};
+pub use reads::TransitionRow;
+pub use round::{QueuedUser, Round};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
@@ -41,5 +53,30 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Closes every connection (of all clones); used before a private cluster is stopped.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// A LISTEN connection: wakes a task when another process commits work for it.
+pub struct Notifications {
+    listener: sqlx::postgres::PgListener,
+}
+
+impl Notifications {
+    /// Waits for the next notification and returns its payload.
+    pub async fn recv(&mut self) -> Result<String> {
+        Ok(self.listener.recv().await?.payload().to_owned())
+    }
+}
+
+impl Store {
+    pub async fn listen(&self, channels: &[&str]) -> Result<Notifications> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen_all(channels.iter().copied()).await?;
+        Ok(Notifications { listener })
     }
 }

@@ -1,0 +1,294 @@
+//! The engine's long-running tasks. Each loops until the stop signal, and a failing round is
+//! logged and retried rather than ending the task: Postgres rolls the round back.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use membrane_store::{EntryRule, Source, SweepRun, QUEUE_CHANNEL};
+use tokio::sync::watch;
+
+use crate::evaluate::{evaluate_batch, Outcome, Recording};
+use crate::registry::LoadedBucket;
+use crate::{EngineError, Shared};
+
+/// Waits up to `period` or until stopped; returns true when stopped.
+async fn pause(stopped: &mut watch::Receiver<bool>, period: Duration) -> bool {
+    tokio::select! {
+        _ = stopped.changed() => true,
+        _ = tokio::time::sleep(period) => *stopped.borrow(),
+    }
+}
+
+fn count(shared: &Shared, outcome: &Outcome) {
+    let stats = &shared.stats;
+    stats
+        .evaluations
+        .fetch_add(outcome.evaluated, Ordering::Relaxed);
+    let transitions = outcome.joined.transitions + outcome.left.transitions;
+    stats
+        .transitions
+        .fetch_add(transitions as u64, Ordering::Relaxed);
+}
+
+fn report(shared: &Shared, task: &str, error: &EngineError) {
+    shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(task, "{error}");
+}
+
+/// The real-time path: claims queued users in batches, evaluates each against the buckets
+/// their changes could affect, and commits memberships, transitions and the claim together.
+pub(crate) async fn realtime(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    let mut notifications = match shared.store.listen(&[QUEUE_CHANNEL]).await {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            tracing::warn!("queue notifications unavailable, polling only: {error}");
+            None
+        }
+    };
+    loop {
+        loop {
+            match realtime_round(&shared).await {
+                Ok(claimed) if claimed >= shared.config.batch_size as usize => continue,
+                Ok(_) => break,
+                Err(error) => {
+                    report(&shared, "realtime", &error);
+                    break;
+                }
+            }
+        }
+        let poll = shared.config.poll_interval;
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = tokio::time::sleep(poll) => {}
+            notified = async {
+                match notifications.as_mut() {
+                    Some(listener) => listener.recv().await.map(drop),
+                    None => std::future::pending().await,
+                }
+            } => if let Err(error) = notified {
+                tracing::warn!("queue notifications lost, polling only: {error}");
+                notifications = None;
+            },
+        }
+        if *stopped.borrow() {
+            return;
+        }
+    }
+}
+
+/// One real-time round; returns how many users it claimed.
+async fn realtime_round(shared: &Shared) -> Result<usize, EngineError> {
+    let registry = shared.registry.load_full();
+    let switches = shared.store.bucket_switches().await?;
+    let mut round = shared.store.begin_round().await?;
+    let queued = round.claim_queue(shared.config.batch_size).await?;
+    if queued.is_empty() {
+        return Ok(0);
+    }
+    let mut users_by_bucket: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for user in &queued {
+        for bucket in registry.candidates(user) {
+            users_by_bucket
+                .entry(bucket)
+                .or_default()
+                .push(user.user_id.clone());
+        }
+    }
+    let now = Utc::now();
+    for (bucket_id, users) in users_by_bucket {
+        let enabled = switches.get(bucket_id).is_none_or(|s| s.enabled);
+        let Some(bucket) = registry.buckets.get(bucket_id).filter(|_| enabled) else {
+            continue;
+        };
+        let outcome = evaluate_batch(
+            &mut round,
+            bucket,
+            &users,
+            now,
+            Recording::live(bucket, Source::Event),
+        )
+        .await?;
+        count(shared, &outcome);
+    }
+    round.commit().await?;
+    shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
+    Ok(queued.len())
+}
+
+/// Re-checks every enabled time-based bucket's members on an interval: the clock can take a
+/// member out with no event arriving.
+pub(crate) async fn sweeps(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        if pause(&mut stopped, shared.config.sweep_interval).await {
+            return;
+        }
+        let registry = shared.registry.load_full();
+        let switches = match shared.store.bucket_switches().await {
+            Ok(switches) => switches,
+            Err(error) => {
+                report(&shared, "sweep", &error.into());
+                continue;
+            }
+        };
+        for bucket in registry.buckets.values() {
+            let enabled = switches.get(bucket.id()).is_none_or(|s| s.enabled);
+            if !bucket.time_based || !enabled {
+                continue;
+            }
+            if let Err(error) = sweep_bucket(&shared, bucket).await {
+                report(&shared, "sweep", &error);
+            }
+        }
+    }
+}
+
+async fn sweep_bucket(shared: &Shared, bucket: &LoadedBucket) -> Result<(), EngineError> {
+    let started_at = Utc::now();
+    let mut total = Outcome::default();
+    let mut after = String::new();
+    loop {
+        let page = shared
+            .store
+            .members_page(bucket.id(), &after, shared.config.page_size)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = last.clone();
+        let mut round = shared.store.begin_round().await?;
+        round.lock_users(&page).await?;
+        let outcome = evaluate_batch(
+            &mut round,
+            bucket,
+            &page,
+            Utc::now(),
+            Recording::live(bucket, Source::Sweep),
+        )
+        .await?;
+        round.commit().await?;
+        count(shared, &outcome);
+        total.evaluated += outcome.evaluated;
+        total.joined.memberships += outcome.joined.memberships;
+        total.left.memberships += outcome.left.memberships;
+    }
+    shared.stats.sweeps.fetch_add(1, Ordering::Relaxed);
+    shared
+        .store
+        .record_sweep(&SweepRun {
+            bucket_id: bucket.id().to_owned(),
+            engine_id: shared.config.engine_id.clone(),
+            started_at,
+            finished_at: Utc::now(),
+            checked: total.evaluated as i64,
+            joined: total.joined.memberships,
+            left: total.left.memberships,
+        })
+        .await?;
+    Ok(())
+}
+
+/// Materializes the members of new and changed bucket versions: every known user evaluated
+/// set-based, page by page. A new bucket's joins are silent; after a criteria change, joins
+/// follow `on_change` and leaves are emitted.
+pub(crate) async fn backfills(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        let registry = shared.registry.load_full();
+        match shared.store.bucket_switches().await {
+            Ok(switches) => {
+                for bucket in registry.buckets.values() {
+                    let Some(switch) = switches.get(bucket.id()) else {
+                        continue;
+                    };
+                    if !switch.enabled || switch.backfilled_hash.as_deref() == Some(&bucket.hash) {
+                        continue;
+                    }
+                    let first_version = switch.backfilled_hash.is_none();
+                    if let Err(error) = backfill_bucket(&shared, bucket, first_version).await {
+                        report(&shared, "backfill", &error);
+                    }
+                }
+            }
+            Err(error) => report(&shared, "backfill", &error.into()),
+        }
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = shared.backfill_due.notified() => {}
+            // A failed backfill is retried, and another engine's reload is noticed.
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+async fn backfill_bucket(
+    shared: &Shared,
+    bucket: &LoadedBucket,
+    first_version: bool,
+) -> Result<(), EngineError> {
+    let started = std::time::Instant::now();
+    let recording = Recording {
+        source: Source::Backfill,
+        join_rule: if first_version {
+            EntryRule::Silent
+        } else {
+            bucket.rule_after_change()
+        },
+        join_reason: "backfill",
+        leave_reason: "criteria_changed",
+    };
+    let mut after = String::new();
+    let mut total = Outcome::default();
+    loop {
+        let page = shared
+            .store
+            .users_page(&after, shared.config.page_size)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = last.clone();
+        let mut round = shared.store.begin_round().await?;
+        round.lock_users(&page).await?;
+        let outcome = evaluate_batch(&mut round, bucket, &page, Utc::now(), recording).await?;
+        round.commit().await?;
+        count(shared, &outcome);
+        total.evaluated += outcome.evaluated;
+        total.joined.memberships += outcome.joined.memberships;
+    }
+    let mut round = shared.store.begin_round().await?;
+    round.mark_backfilled(bucket.id(), &bucket.hash).await?;
+    round.commit().await?;
+    tracing::info!(
+        bucket = %bucket.id(),
+        users = total.evaluated,
+        members = total.joined.memberships,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "backfill done"
+    );
+    Ok(())
+}
+
+/// Publishes this engine's liveness and counters for the console.
+pub(crate) async fn heartbeats(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    let started_at = Utc::now();
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    loop {
+        let stats = shared.stats.to_json();
+        if let Err(error) = shared
+            .store
+            .heartbeat(
+                &shared.config.engine_id,
+                &hostname,
+                std::process::id() as i32,
+                started_at,
+                &stats,
+            )
+            .await
+        {
+            report(&shared, "heartbeat", &error.into());
+        }
+        if pause(&mut stopped, Duration::from_secs(2)).await {
+            return;
+        }
+    }
+}

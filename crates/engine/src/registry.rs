@@ -1,0 +1,217 @@
+//! The set of bucket versions serving now. Built off the hot path from `buckets/`, swapped in
+//! whole between rounds. A file that fails to load never replaces the version it would succeed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use membrane_abi::Fact;
+use membrane_criteria::bucket::{self, BucketBody, BucketDef, EntryLimit, OnChange};
+use membrane_criteria::compile;
+use membrane_store::{EntryRule, QueuedUser};
+use membrane_wasm::Predicate;
+use sha2::{Digest, Sha256};
+
+/// One loaded, compiled and test-instantiated bucket version.
+pub struct LoadedBucket {
+    pub def: BucketDef,
+    pub predicate: Predicate,
+    pub facts: Vec<Fact>,
+    /// Identifies this version's membership rule: criteria text, or plugin bytes and config.
+    pub hash: String,
+    pub time_based: bool,
+}
+
+impl LoadedBucket {
+    pub fn id(&self) -> &str {
+        &self.def.id
+    }
+
+    pub fn entry_rule(&self) -> EntryRule {
+        match self.def.entry_limit {
+            EntryLimit::Unlimited => EntryRule::Unlimited,
+            EntryLimit::Once => EntryRule::Once,
+            EntryLimit::OncePerPeriod { period_secs } => {
+                EntryRule::OncePerPeriod(period_secs as i64)
+            }
+        }
+    }
+
+    /// Joins found by re-evaluating everyone after a criteria change.
+    pub fn rule_after_change(&self) -> EntryRule {
+        match self.def.on_change {
+            OnChange::Emit => self.entry_rule(),
+            OnChange::Silent => EntryRule::Silent,
+        }
+    }
+}
+
+/// A bucket file that did not load, with its rendered diagnostic.
+#[derive(Debug, Clone)]
+pub struct LoadFailure {
+    pub id: String,
+    pub path: PathBuf,
+    pub source: String,
+    pub message: String,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    pub buckets: BTreeMap<String, Arc<LoadedBucket>>,
+    by_event: HashMap<String, Vec<String>>,
+    by_prop: HashMap<String, Vec<String>>,
+}
+
+/// The outcome of reading `buckets/` once.
+pub struct Reload {
+    pub registry: Registry,
+    /// Buckets whose version is new in this reload (loaded now, not carried over).
+    pub changed: Vec<Arc<LoadedBucket>>,
+    pub failures: Vec<LoadFailure>,
+    /// Ids that served before and have no file any more.
+    pub removed: Vec<String>,
+}
+
+impl Registry {
+    /// Buckets whose criteria mention one of the user's changed facts. Because criteria are
+    /// false for a blank user, no other bucket can change for this user.
+    pub fn candidates<'a>(&'a self, user: &QueuedUser) -> BTreeSet<&'a str> {
+        let events = user.event_names.iter().filter_map(|e| self.by_event.get(e));
+        let props = user.prop_keys.iter().filter_map(|k| self.by_prop.get(k));
+        events.chain(props).flatten().map(String::as_str).collect()
+    }
+
+    fn insert(&mut self, bucket: Arc<LoadedBucket>) {
+        for fact in &bucket.facts {
+            let (index, key) = match fact {
+                Fact::EventCount { event, .. } => (&mut self.by_event, event),
+                Fact::Property { key } => (&mut self.by_prop, key),
+            };
+            let ids = index.entry(key.clone()).or_default();
+            if !ids.contains(&bucket.def.id) {
+                ids.push(bucket.def.id.clone());
+            }
+        }
+        self.buckets.insert(bucket.def.id.clone(), bucket);
+    }
+
+    /// Reads every bucket file in `dir`; unchanged versions are carried over from `self`
+    /// without recompiling, and a file that fails keeps its previous version serving.
+    pub fn reload(&self, dir: &Path, wasm: &membrane_wasm::Engine) -> Reload {
+        let report = bucket::load_dir(dir);
+        let mut next = Registry::default();
+        let mut changed = Vec::new();
+        let mut failures: Vec<LoadFailure> = report
+            .errors
+            .iter()
+            .map(|diagnostics| {
+                let path = PathBuf::from(&diagnostics.path);
+                LoadFailure {
+                    id: id_from_path(&path),
+                    path,
+                    source: diagnostics.source.clone(),
+                    message: diagnostics.render(),
+                }
+            })
+            .collect();
+        for def in report.buckets {
+            match self.build(def, wasm) {
+                Ok((bucket, is_new)) => {
+                    if is_new {
+                        changed.push(bucket.clone());
+                    }
+                    next.insert(bucket);
+                }
+                Err(failure) => failures.push(failure),
+            }
+        }
+        for failure in &failures {
+            if let Some(previous) = self.buckets.get(&failure.id) {
+                if !next.buckets.contains_key(&failure.id) {
+                    next.insert(previous.clone());
+                }
+            }
+        }
+        let removed = self
+            .buckets
+            .keys()
+            .filter(|id| !next.buckets.contains_key(*id))
+            .cloned()
+            .collect();
+        Reload {
+            registry: next,
+            changed,
+            failures,
+            removed,
+        }
+    }
+
+    fn build(
+        &self,
+        def: BucketDef,
+        wasm: &membrane_wasm::Engine,
+    ) -> Result<(Arc<LoadedBucket>, bool), LoadFailure> {
+        let failure = |message: String| LoadFailure {
+            id: def.id.clone(),
+            path: def.path.clone(),
+            source: def.source.clone(),
+            message,
+        };
+        let (module, hash) = match &def.body {
+            BucketBody::Criteria { plan, .. } => (compile::compile(plan).wasm, def.criteria_hash()),
+            BucketBody::Plugin { path, .. } => {
+                let bytes = std::fs::read(path).map_err(|e| {
+                    failure(format!(
+                        "error: cannot read plugin module {}: {e}\n  --> {}\n  = help: build it with `cargo build --release --target wasm32-unknown-unknown` and point `plugin` at the .wasm file",
+                        path.display(),
+                        def.path.display()
+                    ))
+                })?;
+                let digest = hex::encode(Sha256::digest(&bytes));
+                (bytes, format!("{}:{digest}", def.criteria_hash()))
+            }
+        };
+        if let Some(previous) = self.buckets.get(&def.id) {
+            if previous.hash == hash && previous.def.source == def.source {
+                return Ok((previous.clone(), false));
+            }
+        }
+        let predicate = wasm.load(&module).map_err(|e| {
+            failure(format!(
+                "error: bucket `{}` failed to load its predicate: {e}\n  --> {}",
+                def.id,
+                def.path.display()
+            ))
+        })?;
+        let facts = predicate.manifest().facts.clone();
+        let time_based = match &def.body {
+            BucketBody::Criteria { plan, .. } => plan.time_based,
+            BucketBody::Plugin { .. } => facts.iter().any(|fact| {
+                matches!(
+                    fact,
+                    Fact::EventCount {
+                        within_secs: Some(_),
+                        ..
+                    }
+                )
+            }),
+        };
+        Ok((
+            Arc::new(LoadedBucket {
+                def,
+                predicate,
+                facts,
+                hash,
+                time_based,
+            }),
+            true,
+        ))
+    }
+}
+
+/// The id a broken file would have: its stem, as for files without an `id` key.
+fn id_from_path(path: &Path) -> String {
+    path.file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,232 @@
+//! Ingest: events and profile updates, their idempotency keys, the contacts they touch and the
+//! evaluation-queue entries they cause, all in one transaction.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use crate::{Result, Store};
+
+/// Channel woken when the evaluation queue receives entries.
+pub const QUEUE_CHANNEL: &str = "membrane_queue";
+
+/// One validated message, ready to apply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Track {
+        message_id: Option<String>,
+        user_id: String,
+        event: String,
+        occurred_at: DateTime<Utc>,
+        properties: Map<String, Value>,
+    },
+    Identify {
+        message_id: Option<String>,
+        user_id: String,
+        /// Merged key by key into the contact's properties; a null value removes the key.
+        traits: Map<String, Value>,
+    },
+}
+
+impl Message {
+    fn message_id(&self) -> Option<&str> {
+        match self {
+            Message::Track { message_id, .. } | Message::Identify { message_id, .. } => {
+                message_id.as_deref()
+            }
+        }
+    }
+
+    fn user_id(&self) -> &str {
+        match self {
+            Message::Track { user_id, .. } | Message::Identify { user_id, .. } => user_id,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestOutcome {
+    pub applied: usize,
+    /// Messages skipped because their `messageId` was applied before (or earlier in the batch).
+    pub duplicates: usize,
+}
+
+/// What changed for one user: the evaluator uses it to select candidate buckets.
+#[derive(Debug, Default)]
+struct UserChange {
+    event_names: Vec<String>,
+    /// Final property edits, folded in message order.
+    set: Map<String, Value>,
+    removed: Vec<String>,
+}
+
+impl UserChange {
+    fn touched_keys(&self) -> Vec<String> {
+        self.set
+            .keys()
+            .cloned()
+            .chain(self.removed.iter().cloned())
+            .collect()
+    }
+}
+
+impl Store {
+    /// Applies `messages` all-or-nothing: events, property merges, message-id records and
+    /// evaluation-queue entries commit together, and evaluators are woken on commit.
+    pub async fn ingest(&self, messages: &[Message]) -> Result<IngestOutcome> {
+        let mut tx = self.pool().begin().await?;
+
+        let mut seen_in_batch = HashSet::new();
+        let candidate_ids: Vec<String> = messages
+            .iter()
+            .filter_map(|m| m.message_id())
+            .filter(|id| seen_in_batch.insert(*id))
+            .map(str::to_owned)
+            .collect();
+        let fresh_ids: HashSet<String> = sqlx::query_scalar(
+            "INSERT INTO ingested_messages (message_id) SELECT unnest($1::text[]) \
+             ON CONFLICT DO NOTHING RETURNING message_id",
+        )
+        .bind(&candidate_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+
+        let mut claimed = HashSet::new();
+        let mut outcome = IngestOutcome::default();
+        let mut changes: BTreeMap<&str, UserChange> = BTreeMap::new();
+        let (mut ev_users, mut ev_names, mut ev_times, mut ev_props) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for message in messages {
+            if let Some(id) = message.message_id() {
+                // Only the first occurrence of a fresh id applies.
+                if !fresh_ids.contains(id) || !claimed.insert(id) {
+                    outcome.duplicates += 1;
+                    continue;
+                }
+            }
+            outcome.applied += 1;
+            let change = changes.entry(message.user_id()).or_default();
+            match message {
+                Message::Track {
+                    user_id,
+                    event,
+                    occurred_at,
+                    properties,
+                    ..
+                } => {
+                    if !change.event_names.contains(event) {
+                        change.event_names.push(event.clone());
+                    }
+                    ev_users.push(user_id.clone());
+                    ev_names.push(event.clone());
+                    ev_times.push(*occurred_at);
+                    ev_props.push(Value::Object(properties.clone()));
+                }
+                Message::Identify { traits, .. } => {
+                    for (key, value) in traits {
+                        if value.is_null() {
+                            change.set.remove(key);
+                            if !change.removed.contains(key) {
+                                change.removed.push(key.clone());
+                            }
+                        } else {
+                            change.removed.retain(|k| k != key);
+                            change.set.insert(key.clone(), value.clone());
+                        }
+                    }
+                }
+            }
+        }
+        if changes.is_empty() {
+            tx.commit().await?;
+            return Ok(outcome);
+        }
+
+        // Users in sorted order (BTreeMap) so concurrent ingests lock contacts in one order.
+        let users: Vec<String> = changes.keys().map(|u| u.to_string()).collect();
+        sqlx::query(
+            "INSERT INTO contacts (user_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(&users)
+        .execute(&mut *tx)
+        .await?;
+        let edited: Vec<(&str, &UserChange)> = changes
+            .iter()
+            .filter(|(_, c)| !c.set.is_empty() || !c.removed.is_empty())
+            .map(|(u, c)| (*u, c))
+            .collect();
+        if !edited.is_empty() {
+            let edited_users: Vec<&str> = edited.iter().map(|(u, _)| *u).collect();
+            let sets: Vec<Value> = edited
+                .iter()
+                .map(|(_, c)| Value::Object(c.set.clone()))
+                .collect();
+            let removals: Vec<Value> = edited
+                .iter()
+                .map(|(_, c)| Value::from(c.removed.clone()))
+                .collect();
+            // Lock in user order first: UPDATE ... FROM takes row locks in no defined order.
+            sqlx::query(
+                "SELECT 1 FROM contacts WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
+            )
+            .bind(&edited_users)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE contacts AS c SET \
+                   properties = (c.properties - ARRAY(SELECT jsonb_array_elements_text(r.removed))) || r.set, \
+                   updated_at = now() \
+                 FROM unnest($1::text[], $2::jsonb[], $3::jsonb[]) AS r(user_id, set, removed) \
+                 WHERE c.user_id = r.user_id",
+            )
+            .bind(&edited_users)
+            .bind(&sets)
+            .bind(&removals)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        if !ev_users.is_empty() {
+            sqlx::query(
+                "INSERT INTO events (user_id, name, occurred_at, properties) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::jsonb[])",
+            )
+            .bind(&ev_users)
+            .bind(&ev_names)
+            .bind(&ev_times)
+            .bind(&ev_props)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        let entries: Vec<Value> = changes
+            .iter()
+            .map(|(user, change)| {
+                serde_json::json!({
+                    "u": user,
+                    "e": change.event_names,
+                    "p": change.touched_keys(),
+                })
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO eval_queue (user_id, event_names, prop_keys) \
+             SELECT x->>'u', \
+                    ARRAY(SELECT jsonb_array_elements_text(x->'e')), \
+                    ARRAY(SELECT jsonb_array_elements_text(x->'p')) \
+             FROM jsonb_array_elements($1::jsonb) AS x",
+        )
+        .bind(Value::Array(entries))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(QUEUE_CHANNEL)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,224 @@
+//! Memberships and the transitions outbox. A join inserts the next epoch's active row; a leave
+//! flips the active row with a compare-and-swap; each emitted transition is inserted in the same
+//! statement under its unique key, so retries and racing writers neither lose nor duplicate one.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+
+use crate::round::Round;
+use crate::Result;
+
+/// Channel notified (on commit) when transitions were written; the payload is the bucket id.
+pub const TRANSITIONS_CHANNEL: &str = "membrane_transitions";
+
+/// What caused a membership change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Event,
+    Timer,
+    Sweep,
+    Backfill,
+    Operator,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Event => "event",
+            Source::Timer => "timer",
+            Source::Sweep => "sweep",
+            Source::Backfill => "backfill",
+            Source::Operator => "operator",
+        }
+    }
+}
+
+/// Which joins emit `entered` (the row is written and the epoch advances either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryRule {
+    Unlimited,
+    /// Only the first epoch emits.
+    Once,
+    /// Emits when this many seconds have passed since the user last left (or never left).
+    OncePerPeriod(i64),
+    /// Nothing emits: backfills and silent criteria changes.
+    Silent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveMember {
+    pub user_id: String,
+    pub epoch: i32,
+    pub entered_at: DateTime<Utc>,
+}
+
+/// Rows changed and transitions written by one join or leave statement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub memberships: i64,
+    pub transitions: i64,
+}
+
+impl Round {
+    /// The active memberships of `users` in `bucket_id`, keyed by user.
+    pub async fn active_members(
+        &mut self,
+        bucket_id: &str,
+        users: &[String],
+    ) -> Result<HashMap<String, ActiveMember>> {
+        let rows: Vec<(String, i32, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT user_id, epoch, entered_at FROM memberships \
+             WHERE bucket_id = $1 AND user_id = ANY($2) AND status = 'active'",
+        )
+        .bind(bucket_id)
+        .bind(users)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(user_id, epoch, entered_at)| {
+                (
+                    user_id.clone(),
+                    ActiveMember {
+                        user_id,
+                        epoch,
+                        entered_at,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Admits `users` to `bucket_id` at `at`. Users already active are left alone.
+    pub async fn join(
+        &mut self,
+        bucket_id: &str,
+        users: &[String],
+        rule: EntryRule,
+        source: Source,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Applied> {
+        if users.is_empty() {
+            return Ok(Applied::default());
+        }
+        let (rule_name, period_secs) = match rule {
+            EntryRule::Unlimited => ("unlimited", 0),
+            EntryRule::Once => ("once", 0),
+            EntryRule::OncePerPeriod(secs) => ("once_per_period", secs),
+            EntryRule::Silent => ("silent", 0),
+        };
+        let (memberships, transitions): (i64, i64) = sqlx::query_as(
+            "WITH joining AS ( \
+                 SELECT j.user_id, \
+                        (SELECT count(*) FROM memberships m \
+                          WHERE m.bucket_id = $1 AND m.user_id = j.user_id) + 1 AS epoch, \
+                        (SELECT max(m.left_at) FROM memberships m \
+                          WHERE m.bucket_id = $1 AND m.user_id = j.user_id) AS last_left \
+                 FROM unnest($2::text[]) AS j(user_id)), \
+             inserted AS ( \
+                 INSERT INTO memberships (bucket_id, user_id, epoch, status, entered_at) \
+                 SELECT $1, user_id, epoch, 'active', $6 FROM joining \
+                 ON CONFLICT DO NOTHING \
+                 RETURNING user_id, epoch), \
+             emitted AS ( \
+                 INSERT INTO transitions (key, bucket_id, user_id, kind, epoch, source, reason, occurred_at) \
+                 SELECT 'bucket:' || $1 || ':' || i.user_id || ':entered:' || i.epoch, \
+                        $1, i.user_id, 'entered', i.epoch, $4, $5, $6 \
+                 FROM inserted i JOIN joining j USING (user_id) \
+                 WHERE CASE $3 \
+                     WHEN 'unlimited' THEN true \
+                     WHEN 'once' THEN i.epoch = 1 \
+                     WHEN 'once_per_period' THEN j.last_left IS NULL \
+                          OR j.last_left <= $6 - make_interval(secs => $7) \
+                     ELSE false END \
+                 ON CONFLICT (key) DO NOTHING \
+                 RETURNING 1) \
+             SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM emitted)",
+        )
+        .bind(bucket_id)
+        .bind(users)
+        .bind(rule_name)
+        .bind(source.as_str())
+        .bind(reason)
+        .bind(at)
+        .bind(period_secs as f64)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        let applied = Applied {
+            memberships,
+            transitions,
+        };
+        self.account(bucket_id, applied.memberships, applied)
+            .await?;
+        Ok(applied)
+    }
+
+    /// Closes the given (user, epoch) memberships of `bucket_id` at `at`, each only if it is
+    /// still active in that epoch: the loser of a race changes and emits nothing.
+    pub async fn leave(
+        &mut self,
+        bucket_id: &str,
+        members: &[(String, i32)],
+        source: Source,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Applied> {
+        if members.is_empty() {
+            return Ok(Applied::default());
+        }
+        let (users, epochs): (Vec<String>, Vec<i32>) = members.iter().cloned().unzip();
+        let (memberships, transitions): (i64, i64) = sqlx::query_as(
+            "WITH leaving AS (SELECT * FROM unnest($2::text[], $3::int[]) AS l(user_id, epoch)), \
+             closed AS ( \
+                 UPDATE memberships m SET status = 'left', left_at = $6 \
+                 FROM leaving l \
+                 WHERE m.bucket_id = $1 AND m.user_id = l.user_id AND m.epoch = l.epoch \
+                   AND m.status = 'active' \
+                 RETURNING m.user_id, m.epoch), \
+             emitted AS ( \
+                 INSERT INTO transitions (key, bucket_id, user_id, kind, epoch, source, reason, occurred_at) \
+                 SELECT 'bucket:' || $1 || ':' || user_id || ':left:' || epoch, \
+                        $1, user_id, 'left', epoch, $4, $5, $6 \
+                 FROM closed \
+                 ON CONFLICT (key) DO NOTHING \
+                 RETURNING 1) \
+             SELECT (SELECT count(*) FROM closed), (SELECT count(*) FROM emitted)",
+        )
+        .bind(bucket_id)
+        .bind(&users)
+        .bind(&epochs)
+        .bind(source.as_str())
+        .bind(reason)
+        .bind(at)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        let applied = Applied {
+            memberships,
+            transitions,
+        };
+        self.account(bucket_id, -applied.memberships, applied)
+            .await?;
+        Ok(applied)
+    }
+
+    /// Keeps `buckets.member_count` exact in the same transaction, and wakes listeners on commit.
+    async fn account(&mut self, bucket_id: &str, delta: i64, applied: Applied) -> Result<()> {
+        if delta != 0 {
+            sqlx::query("UPDATE buckets SET member_count = member_count + $2 WHERE id = $1")
+                .bind(bucket_id)
+                .bind(delta)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        if applied.transitions > 0 {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(TRANSITIONS_CHANNEL)
+                .bind(bucket_id)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        Ok(())
+    }
+}

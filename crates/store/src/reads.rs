@@ -1,0 +1,108 @@
+//! Reads for applications and the CLI, and engine heartbeats.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::{Result, Store};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TransitionRow {
+    pub id: i64,
+    pub key: String,
+    pub bucket_id: String,
+    pub user_id: String,
+    pub kind: String,
+    pub epoch: i32,
+    pub label: Option<String>,
+    pub source: String,
+    pub reason: String,
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// `None` when the bucket is unknown.
+    pub async fn member_count(&self, bucket_id: &str) -> Result<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT member_count FROM buckets WHERE id = $1")
+                .bind(bucket_id)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    pub async fn is_member(&self, bucket_id: &str, user_id: &str) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM memberships \
+             WHERE bucket_id = $1 AND user_id = $2 AND status = 'active')",
+        )
+        .bind(bucket_id)
+        .bind(user_id)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// Transitions with id greater than `after`, oldest first.
+    pub async fn transitions_after(&self, after: i64, limit: i64) -> Result<Vec<TransitionRow>> {
+        let rows: Vec<(
+            i64,
+            String,
+            String,
+            String,
+            String,
+            i32,
+            Option<String>,
+            String,
+            String,
+            DateTime<Utc>,
+        )> = sqlx::query_as(
+            "SELECT id, key, bucket_id, user_id, kind, epoch, label, source, reason, occurred_at \
+                 FROM transitions WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, key, bucket_id, user_id, kind, epoch, label, source, reason, occurred_at)| {
+                    TransitionRow {
+                        id,
+                        key,
+                        bucket_id,
+                        user_id,
+                        kind,
+                        epoch,
+                        label,
+                        source,
+                        reason,
+                        occurred_at,
+                    }
+                },
+            )
+            .collect())
+    }
+
+    pub async fn heartbeat(
+        &self,
+        engine_id: &str,
+        hostname: &str,
+        pid: i32,
+        started_at: DateTime<Utc>,
+        stats: &serde_json::Value,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO engine_heartbeats (engine_id, hostname, pid, started_at, last_seen_at, stats) \
+             VALUES ($1, $2, $3, $4, now(), $5) \
+             ON CONFLICT (engine_id) DO UPDATE SET last_seen_at = now(), stats = EXCLUDED.stats",
+        )
+        .bind(engine_id)
+        .bind(hostname)
+        .bind(pid)
+        .bind(started_at)
+        .bind(stats)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,83 @@
+//! An evaluation round: one transaction in which an evaluator claims work, reads facts and
+//! writes membership changes with their transitions. Nothing a round did is visible until
+//! [`Round::commit`], and a round dropped without committing changes nothing.
+
+use std::collections::BTreeMap;
+
+use sqlx::{Postgres, Transaction};
+
+use crate::{Result, Store};
+
+pub struct Round {
+    pub(crate) tx: Transaction<'static, Postgres>,
+}
+
+/// A user's claimed queue entries, merged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueuedUser {
+    pub user_id: String,
+    pub event_names: Vec<String>,
+    pub prop_keys: Vec<String>,
+}
+
+impl Store {
+    pub async fn begin_round(&self) -> Result<Round> {
+        Ok(Round {
+            tx: self.pool().begin().await?,
+        })
+    }
+}
+
+impl Round {
+    /// Claims up to `limit` queue entries (skipping those another evaluator holds), deletes them
+    /// as part of this round, and locks the claimed users so that no other round evaluates them
+    /// until this one commits. Returns one merged entry per user, ordered by user id.
+    pub async fn claim_queue(&mut self, limit: i64) -> Result<Vec<QueuedUser>> {
+        let rows: Vec<(String, Vec<String>, Vec<String>)> = sqlx::query_as(
+            "DELETE FROM eval_queue WHERE id IN ( \
+                 SELECT id FROM eval_queue ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING user_id, event_names, prop_keys",
+        )
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut merged: BTreeMap<String, QueuedUser> = BTreeMap::new();
+        for (user_id, event_names, prop_keys) in rows {
+            let entry = merged.entry(user_id.clone()).or_insert_with(|| QueuedUser {
+                user_id,
+                ..QueuedUser::default()
+            });
+            for name in event_names {
+                if !entry.event_names.contains(&name) {
+                    entry.event_names.push(name);
+                }
+            }
+            for key in prop_keys {
+                if !entry.prop_keys.contains(&key) {
+                    entry.prop_keys.push(key);
+                }
+            }
+        }
+        let users: Vec<String> = merged.keys().cloned().collect();
+        self.lock_users(&users).await?;
+        Ok(merged.into_values().collect())
+    }
+
+    /// Locks the contact rows of `users` in user order: rounds touching the same user run one
+    /// after the other, and each then reads the facts the previous one committed.
+    pub async fn lock_users(&mut self, users: &[String]) -> Result<()> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        sqlx::query("SELECT 1 FROM contacts WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE")
+            .bind(users)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn commit(self) -> Result<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
