@@ -56,6 +56,10 @@ fn connecting_text(app: &App) -> Text<'static> {
 
 fn render_header(frame: &mut Frame, area: Rect, app: &App) {
     let mut spans = vec![" membrane ".black().on_cyan().bold(), Span::raw(" ")];
+    // First, so a long error is not cut off; the figures after it are the last good refresh's.
+    if let Some(error) = &app.refresh_error {
+        spans.extend([format!("⚠ {error}").red().bold(), separator()]);
+    }
     if let Some(snapshot) = &app.snapshot {
         let alive = alive_engines(snapshot).count();
         let engines_style = if alive == 0 { Color::Red } else { Color::Green };
@@ -82,9 +86,6 @@ fn render_header(frame: &mut Frame, area: Rect, app: &App) {
         if errors > 0 {
             spans.extend([separator(), format!("{errors} in error").red().bold()]);
         }
-    }
-    if let Some(error) = &app.refresh_error {
-        spans.extend([separator(), format!("⚠ {error}").red()]);
     }
     frame.render_widget(Line::from(spans), area);
 }
@@ -152,6 +153,12 @@ fn header_row<const N: usize>(titles: [&'static str; N]) -> Row<'static> {
 }
 
 fn render_engines(frame: &mut Frame, area: Rect, snapshot: &ConsoleSnapshot) {
+    let block = pane_block(format!(" Engines ({}) ", snapshot.engines.len()), false);
+    if snapshot.engines.is_empty() {
+        let empty = Paragraph::new("No engine has reported a heartbeat.".yellow()).block(block);
+        frame.render_widget(empty, area);
+        return;
+    }
     let rows = snapshot.engines.iter().map(|engine| {
         let alive = engine_alive(snapshot.taken_at, engine);
         let state = if alive { "up".green() } else { "down".red() };
@@ -189,17 +196,8 @@ fn render_engines(frame: &mut Frame, area: Rect, snapshot: &ConsoleSnapshot) {
             Constraint::Fill(1),
         ],
     )
-    .block(pane_block(
-        format!(" Engines ({}) ", snapshot.engines.len()),
-        false,
-    ));
-    if snapshot.engines.is_empty() {
-        let empty = Paragraph::new("No engine has reported a heartbeat.".yellow())
-            .block(pane_block(" Engines (0) ", false));
-        frame.render_widget(empty, area);
-    } else {
-        frame.render_widget(table, area);
-    }
+    .block(block);
+    frame.render_widget(table, area);
 }
 
 /// The bucket's state in one word; a failing bucket that is also disabled reads `error·off`.
@@ -435,7 +433,15 @@ fn render_detail(
             error_area,
         );
     }
-    render_detail_lists(frame, lists_area, app, detail, snapshot.taken_at);
+    let member_count = summary.map_or(0, |bucket| bucket.member_count);
+    render_detail_lists(
+        frame,
+        lists_area,
+        app,
+        detail,
+        member_count,
+        snapshot.taken_at,
+    );
 }
 
 /// Sizes drawn above their minimum so that a few joins show on a large bucket; the title
@@ -507,6 +513,7 @@ fn render_detail_lists(
     area: Rect,
     app: &App,
     detail: &BucketDetail,
+    member_count: i64,
     now: DateTime<Utc>,
 ) {
     let [members_area, transitions_area, sweeps_area] = Layout::horizontal([
@@ -537,7 +544,7 @@ fn render_detail_lists(
     )
     .header(header_row(["USER", "EPOCH", "IN FOR"]))
     .block(pane_block(
-        format!(" Members (first {}) ", detail.members.len()),
+        format!(" Members ({} of {member_count}) ", detail.members.len()),
         app.focus == Pane::Members,
     ));
     frame.render_widget(members_table, members_area);

@@ -355,7 +355,9 @@ pub async fn seed_demo_rows_for_tests(store: &Store) -> Result<DateTime<Utc>> {
         sqlx::query(statement).execute(&mut *tx).await?;
     }
     // now() is the transaction's start, the instant every relative row above was placed at.
-    let seeded_at = sqlx::query_scalar("SELECT now()").fetch_one(&mut *tx).await?;
+    let seeded_at = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(seeded_at)
 }

@@ -112,3 +112,17 @@ fn filter_prompt_while_typing() {
     let footer = screen.lines().last().expect("a footer line");
     assert!(footer.contains("/news█"), "footer: {footer}");
 }
+
+#[test]
+fn header_and_engines_pane_say_when_something_is_wrong() {
+    let mut app = App::default();
+    let mut snapshot = fixture::snapshot(1);
+    snapshot.engines.clear();
+    app.apply_snapshot(snapshot);
+    app.refresh_error = Some("connection refused".to_owned());
+    let screen = draw(&app).backend().to_string();
+    let header = screen.lines().next().expect("a header line");
+    assert!(header.contains("engines 0/0"), "header: {header}");
+    assert!(header.contains("⚠ connection refused"), "header: {header}");
+    assert!(screen.contains("No engine has reported a heartbeat."));
+}
