@@ -1,1 +1,7 @@
+//! End-to-end tests: the real `membrane` binary, real Postgres, real WASM.
 
+mod check;
+mod console;
+mod hot_reload;
+mod live;
+mod support;

@@ -19,9 +19,17 @@ pub enum Node {
     Or(Vec<Node>),
     Not(Box<Node>),
     /// `count(fact) CMP n`; `exists` is `> 0`, `not_exists` is `== 0`.
-    Count { fact: usize, op: CmpOp, value: i64 },
+    Count {
+        fact: usize,
+        op: CmpOp,
+        value: i64,
+    },
     /// A property compared with a literal under the brief's typing rules.
-    PropCmp { fact: usize, op: CmpOp, value: Literal },
+    PropCmp {
+        fact: usize,
+        op: CmpOp,
+        value: Literal,
+    },
 }
 
 impl Plan {
@@ -53,7 +61,9 @@ fn fact_index(facts: &mut Vec<Fact>, fact: Fact) -> usize {
 
 fn lower(expr: &Expr, facts: &mut Vec<Fact>, time_based: &mut bool) -> Node {
     match expr {
-        Expr::And(items, _) => Node::And(items.iter().map(|e| lower(e, facts, time_based)).collect()),
+        Expr::And(items, _) => {
+            Node::And(items.iter().map(|e| lower(e, facts, time_based)).collect())
+        }
         Expr::Or(items, _) => Node::Or(items.iter().map(|e| lower(e, facts, time_based)).collect()),
         Expr::Not(inner, _) => Node::Not(Box::new(lower(inner, facts, time_based))),
         Expr::Leaf(Leaf::Event(event)) => {
@@ -73,7 +83,12 @@ fn lower(expr: &Expr, facts: &mut Vec<Fact>, time_based: &mut bool) -> Node {
             Node::Count { fact, op, value }
         }
         Expr::Leaf(Leaf::Prop(prop)) => {
-            let fact = fact_index(facts, Fact::Property { key: prop.key.clone() });
+            let fact = fact_index(
+                facts,
+                Fact::Property {
+                    key: prop.key.clone(),
+                },
+            );
             match &prop.test {
                 PropTest::Cmp(op, value) => Node::PropCmp {
                     fact,
