@@ -189,7 +189,11 @@ pub fn encode_batch(base: u32, facts: usize, rows: &[Vec<FactValue>]) -> (BatchL
     let mut heap = Vec::with_capacity(heap_bytes);
     let heap_base = base as u64 + layout.rows_bytes() as u64;
     for row in rows {
-        assert_eq!(row.len(), facts, "every row holds one value per declared fact");
+        assert_eq!(
+            row.len(),
+            facts,
+            "every row holds one value per declared fact"
+        );
         for value in row {
             let slot = match value {
                 FactValue::Missing => Slot {

@@ -9,15 +9,17 @@ use membrane_abi::{Fact, FactValue};
 
 /// Evaluates `plan` for one user whose facts (in `plan.facts` order) are `facts`.
 /// `now_ms` is the evaluation instant in Unix milliseconds.
-pub fn evaluate(plan: &Plan, facts: &[FactValue], now_ms: i64) -> bool {
-    eval_node(&plan.root, facts, now_ms)
+/// (No construct of the language reads `now_ms` directly yet: windows are resolved into counts
+/// when facts are gathered.)
+pub fn evaluate(plan: &Plan, facts: &[FactValue], _now_ms: i64) -> bool {
+    eval_node(&plan.root, facts)
 }
 
-fn eval_node(node: &Node, facts: &[FactValue], now_ms: i64) -> bool {
+fn eval_node(node: &Node, facts: &[FactValue]) -> bool {
     match node {
-        Node::And(items) => items.iter().all(|n| eval_node(n, facts, now_ms)),
-        Node::Or(items) => items.iter().any(|n| eval_node(n, facts, now_ms)),
-        Node::Not(inner) => !eval_node(inner, facts, now_ms),
+        Node::And(items) => items.iter().all(|n| eval_node(n, facts)),
+        Node::Or(items) => items.iter().any(|n| eval_node(n, facts)),
+        Node::Not(inner) => !eval_node(inner, facts),
         Node::Count { fact, op, value } => {
             let count = match facts[*fact] {
                 FactValue::Count(c) => c,

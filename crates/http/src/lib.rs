@@ -96,7 +96,7 @@ fn authorize(config: &ApiConfig, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|value| value.to_str().ok())
         .and_then(segment::credential);
     match presented {
-        Some(key) if config.write_keys.iter().any(|k| *k == key) => Ok(()),
+        Some(key) if config.write_keys.contains(&key) => Ok(()),
         Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unknown write key")),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,

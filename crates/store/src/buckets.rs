@@ -104,16 +104,6 @@ impl Store {
             .collect())
     }
 
-    pub async fn set_bucket_enabled(&self, id: &str, enabled: bool) -> Result<bool> {
-        let updated =
-            sqlx::query("UPDATE buckets SET enabled = $2, updated_at = now() WHERE id = $1")
-                .bind(id)
-                .bind(enabled)
-                .execute(self.pool())
-                .await?;
-        Ok(updated.rows_affected() == 1)
-    }
-
     /// Known users after `after` in user order, `limit` at most: the pages of a backfill.
     pub async fn users_page(&self, after: &str, limit: i64) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, Row};
 
+pub use crate::reads::TransitionRow;
 use crate::{Result, Store};
 
 /// Everything the console's overview shows, read at one instant.
@@ -49,22 +50,6 @@ pub struct BucketSummary {
     pub left_1m: i64,
     pub updated_at: DateTime<Utc>,
     pub last_sweep: Option<SweepRun>,
-}
-
-#[derive(Debug, Clone, PartialEq, FromRow)]
-pub struct TransitionRow {
-    pub id: i64,
-    pub bucket_id: String,
-    pub user_id: String,
-    /// `entered`, `left` or `dwell`.
-    pub kind: String,
-    pub epoch: i32,
-    /// The dwell label (`1d`, `every:3`), only on `dwell` transitions.
-    pub label: Option<String>,
-    /// `event`, `timer`, `sweep`, `backfill` or `operator`.
-    pub source: String,
-    pub reason: String,
-    pub occurred_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, FromRow)]
@@ -153,7 +138,7 @@ pub async fn snapshot(store: &Store, feed_limit: i64) -> Result<ConsoleSnapshot>
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
 
     let transitions = sqlx::query_as::<_, TransitionRow>(
-        "SELECT id, bucket_id, user_id, kind, epoch, label, source, reason, occurred_at
+        "SELECT id, key, bucket_id, user_id, kind, epoch, label, source, reason, occurred_at
          FROM transitions ORDER BY id DESC LIMIT $1",
     )
     .bind(feed_limit)
@@ -303,7 +288,7 @@ pub async fn bucket_detail(
     .await?;
 
     let transitions = sqlx::query_as::<_, TransitionRow>(
-        "SELECT id, bucket_id, user_id, kind, epoch, label, source, reason, occurred_at
+        "SELECT id, key, bucket_id, user_id, kind, epoch, label, source, reason, occurred_at
          FROM transitions WHERE bucket_id = $1 ORDER BY id DESC LIMIT $2",
     )
     .bind(bucket_id)

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::{Result, Store};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct TransitionRow {
     pub id: i64,
     pub key: String,
@@ -43,44 +43,14 @@ impl Store {
 
     /// Transitions with id greater than `after`, oldest first.
     pub async fn transitions_after(&self, after: i64, limit: i64) -> Result<Vec<TransitionRow>> {
-        let rows: Vec<(
-            i64,
-            String,
-            String,
-            String,
-            String,
-            i32,
-            Option<String>,
-            String,
-            String,
-            DateTime<Utc>,
-        )> = sqlx::query_as(
+        Ok(sqlx::query_as(
             "SELECT id, key, bucket_id, user_id, kind, epoch, label, source, reason, occurred_at \
-                 FROM transitions WHERE id > $1 ORDER BY id LIMIT $2",
+             FROM transitions WHERE id > $1 ORDER BY id LIMIT $2",
         )
         .bind(after)
         .bind(limit)
         .fetch_all(self.pool())
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(id, key, bucket_id, user_id, kind, epoch, label, source, reason, occurred_at)| {
-                    TransitionRow {
-                        id,
-                        key,
-                        bucket_id,
-                        user_id,
-                        kind,
-                        epoch,
-                        label,
-                        source,
-                        reason,
-                        occurred_at,
-                    }
-                },
-            )
-            .collect())
+        .await?)
     }
 
     pub async fn heartbeat(

@@ -61,6 +61,7 @@ fn transition(
 ) -> TransitionRow {
     TransitionRow {
         id,
+        key: format!("bucket:{bucket_id}:{user_id}:{kind}:1"),
         bucket_id: bucket_id.to_owned(),
         user_id: user_id.to_owned(),
         kind: kind.to_owned(),
