@@ -20,8 +20,16 @@ fn check_accepts_the_shipped_buckets() {
 fn check_reports_a_broken_file_with_a_caret_and_fails() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("broken.toml");
-    std::fs::write(&file, "criteria = 'event(\"signup\").within(7x).exists()'\n").unwrap();
-    let output = Command::new(BINARY).arg("check").arg(&file).output().unwrap();
+    std::fs::write(
+        &file,
+        "criteria = 'event(\"signup\").within(7x).exists()'\n",
+    )
+    .unwrap();
+    let output = Command::new(BINARY)
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("broken.toml:1:"), "{stderr}");

@@ -17,7 +17,9 @@ criteria = 'prop("tier") == "gold"'
 async fn console_in_a_pty_shows_member_counts() {
     let engine = RunningEngine::start(&[("vip.toml", GOLD)]).await;
     for user in ["a", "b", "c"] {
-        engine.identify(user, serde_json::json!({"tier": "gold"})).await;
+        engine
+            .identify(user, serde_json::json!({"tier": "gold"}))
+            .await;
     }
     let store = engine.db.store.clone();
     eventually(Duration::from_secs(5), "three members", || {
@@ -61,7 +63,10 @@ async fn console_in_a_pty_shows_member_counts() {
         if let Some(line) = text.lines().find(|l| l.contains("vip") && l.contains('3')) {
             break line.to_owned();
         }
-        assert!(Instant::now() < deadline, "no member count on screen:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "no member count on screen:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     let numbers: Vec<&str> = row.split_whitespace().collect();

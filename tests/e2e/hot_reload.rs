@@ -24,7 +24,9 @@ async fn edited_bucket_takes_effect_and_broken_edit_keeps_old_version() {
     let engine = RunningEngine::start(&[("vip.toml", GOLD)]).await;
     let store = engine.db.store.clone();
 
-    engine.identify("gold-user", serde_json::json!({"tier": "gold"})).await;
+    engine
+        .identify("gold-user", serde_json::json!({"tier": "gold"}))
+        .await;
     engine
         .wait_for_transition(Duration::from_secs(5), |t| {
             t.key == "bucket:vip:gold-user:entered:1"
@@ -53,16 +55,23 @@ async fn edited_bucket_takes_effect_and_broken_edit_keeps_old_version() {
         .await;
 
     std::fs::write(engine.bucket_path("vip.toml"), BROKEN).unwrap();
-    let error = eventually(Duration::from_secs(5), "the load error to be recorded", || {
-        let store = store.clone();
-        async move {
-            let snapshot = membrane_store::console::snapshot(&store, 0).await.ok()?;
-            let vip = snapshot.buckets.into_iter().find(|b| b.id == "vip")?;
-            (vip.status == "error").then_some(vip.last_error.unwrap_or_default())
-        }
-    })
+    let error = eventually(
+        Duration::from_secs(5),
+        "the load error to be recorded",
+        || {
+            let store = store.clone();
+            async move {
+                let snapshot = membrane_store::console::snapshot(&store, 0).await.ok()?;
+                let vip = snapshot.buckets.into_iter().find(|b| b.id == "vip")?;
+                (vip.status == "error").then_some(vip.last_error.unwrap_or_default())
+            }
+        },
+    )
     .await;
-    assert!(error.contains("vip.toml:3:43"), "error lacks file:line:col: {error}");
+    assert!(
+        error.contains("vip.toml:3:43"),
+        "error lacks file:line:col: {error}"
+    );
     assert!(error.contains('^'), "error lacks a caret: {error}");
 
     // The platinum version still serves.

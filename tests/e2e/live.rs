@@ -31,7 +31,10 @@ async fn http_event_enters_then_window_expiry_leaves() {
     assert_eq!(left.key, "bucket:pinged:alice:left:1");
     assert_eq!(left.source, "sweep");
     let window_end = entered.occurred_at + chrono::Duration::seconds(3);
-    assert!(left.occurred_at >= window_end, "left before the window ended");
+    assert!(
+        left.occurred_at >= window_end,
+        "left before the window ended"
+    );
 
     // Another ping starts epoch 2; nothing of epoch 1 is written again.
     engine.track("alice", "ping").await;
@@ -40,7 +43,12 @@ async fn http_event_enters_then_window_expiry_leaves() {
             t.key == "bucket:pinged:alice:entered:2"
         })
         .await;
-    let keys: Vec<String> = engine.transitions().await.into_iter().map(|t| t.key).collect();
+    let keys: Vec<String> = engine
+        .transitions()
+        .await
+        .into_iter()
+        .map(|t| t.key)
+        .collect();
     let unique: HashSet<&String> = keys.iter().collect();
     assert_eq!(unique.len(), keys.len(), "a key appeared twice: {keys:?}");
     assert_eq!(

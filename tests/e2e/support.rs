@@ -79,14 +79,27 @@ impl RunningEngine {
                 serde_json::json!({"userId": user, "event": event, "messageId": format!("{user}-{event}-{}", nanos())}),
             )
             .await;
-        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
+        assert_eq!(
+            response.status(),
+            200,
+            "{}",
+            response.text().await.unwrap_or_default()
+        );
     }
 
     pub async fn identify(&self, user: &str, traits: serde_json::Value) {
         let response = self
-            .post("/v1/identify", serde_json::json!({"userId": user, "traits": traits}))
+            .post(
+                "/v1/identify",
+                serde_json::json!({"userId": user, "traits": traits}),
+            )
             .await;
-        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap_or_default());
+        assert_eq!(
+            response.status(),
+            200,
+            "{}",
+            response.text().await.unwrap_or_default()
+        );
     }
 
     pub async fn transitions(&self) -> Vec<TransitionRow> {
