@@ -327,7 +327,7 @@ fn rows() -> impl Strategy<Value = Vec<Vec<FactValue>>> {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(2_000)
+        std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(4_000)
     ))]
 
     #[test]

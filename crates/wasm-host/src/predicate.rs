@@ -150,14 +150,17 @@ fn chunk_len(rows: &[Vec<FactValue>], facts: usize, byte_budget: usize) -> usize
 
 /// A row's share of a batch buffer: its slots, its strings and its result byte.
 fn row_bytes(row: &[FactValue], facts: usize) -> usize {
-    let strings: usize = row
-        .iter()
+    facts * SLOT_BYTES + string_bytes(row) + 1
+}
+
+/// What a row adds to the batch's string heap.
+fn string_bytes(row: &[FactValue]) -> usize {
+    row.iter()
         .map(|value| match value {
             FactValue::String(s) => s.len(),
             _ => 0,
         })
-        .sum();
-    facts * SLOT_BYTES + strings + 1
+        .sum()
 }
 
 /// One live instance of a predicate, for the duration of one `evaluate` call.
@@ -188,10 +191,7 @@ impl Guest {
         first_user: usize,
         results: &mut Vec<bool>,
     ) -> Result<(), EvalError> {
-        let heap_bytes = chunk
-            .iter()
-            .map(|row| row_bytes(row, facts) - facts * SLOT_BYTES - 1)
-            .sum();
+        let heap_bytes = chunk.iter().map(|row| string_bytes(row)).sum();
         let total = BatchLayout {
             users: chunk.len(),
             facts,
@@ -230,7 +230,11 @@ impl Guest {
         self.store.set_epoch_deadline(self.shared.deadline_ticks);
         let code = self
             .eval
-            .call(&mut self.store, (returned, users, out as i32, now_ms))
+            // Guest addresses are i32 bit patterns of u32 offsets.
+            .call(
+                &mut self.store,
+                (returned, users, out as u32 as i32, now_ms),
+            )
             .map_err(|error| self.classify(error, membrane_abi::EXPORT_EVAL))?;
         if code != 0 {
             return Err(EvalError::ErrorCode { code });
