@@ -34,7 +34,7 @@ impl RunningEngine {
             .arg(buckets.path())
             .env("DATABASE_URL", &db.url)
             .env("MEMBRANE_WRITE_KEYS", WRITE_KEY)
-            .env("RUST_LOG", "info,sqlx=warn")
+            .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -1,7 +1,7 @@
 //! The engine's long-running tasks. Each loops until the stop signal, and a failing round is
 //! logged and retried rather than ending the task: Postgres rolls the round back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -247,11 +247,26 @@ async fn backfill_bucket(
         after = last.clone();
         let mut round = shared.store.begin_round().await?;
         round.lock_users(&page).await?;
-        let outcome = evaluate_batch(&mut round, bucket, &page, Utc::now(), recording).await?;
+        // A user whose unprocessed change touches this bucket joins as the real-time path
+        // would have it, announced; the rest join as the backfill records them.
+        let announced: HashSet<String> = round
+            .pending_changes(&page)
+            .await?
+            .into_iter()
+            .filter(|change| bucket.affected_by(change))
+            .map(|change| change.user_id)
+            .collect();
+        let (live, quiet): (Vec<String>, Vec<String>) =
+            page.into_iter().partition(|user| announced.contains(user));
+        let now = Utc::now();
+        let live_recording = Recording::live(bucket, Source::Event);
+        for (users, recording) in [(quiet, recording), (live, live_recording)] {
+            let outcome = evaluate_batch(&mut round, bucket, &users, now, recording).await?;
+            count(shared, &outcome);
+            total.evaluated += outcome.evaluated;
+            total.joined.memberships += outcome.joined.memberships;
+        }
         round.commit().await?;
-        count(shared, &outcome);
-        total.evaluated += outcome.evaluated;
-        total.joined.memberships += outcome.joined.memberships;
     }
     let mut round = shared.store.begin_round().await?;
     round.mark_backfilled(bucket.id(), &bucket.hash).await?;

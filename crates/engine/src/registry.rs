@@ -37,6 +37,14 @@ impl LoadedBucket {
         }
     }
 
+    /// Whether the user's unprocessed change touches a fact this bucket reads.
+    pub fn affected_by(&self, change: &QueuedUser) -> bool {
+        self.facts.iter().any(|fact| match fact {
+            Fact::EventCount { event, .. } => change.event_names.contains(event),
+            Fact::Property { key } => change.prop_keys.contains(key),
+        })
+    }
+
     /// Joins found by re-evaluating everyone after a criteria change.
     pub fn rule_after_change(&self) -> EntryRule {
         match self.def.on_change {

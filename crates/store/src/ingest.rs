@@ -153,6 +153,13 @@ impl Store {
         .bind(&users)
         .execute(&mut *tx)
         .await?;
+        // Every user's contact row stays locked until this ingest commits, taken in user order
+        // so concurrent ingests cannot deadlock. A round locks the same rows, so it sees all of
+        // an ingest's effects for a user (and its queue entry) or none of them.
+        sqlx::query("SELECT 1 FROM contacts WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE")
+            .bind(&users)
+            .execute(&mut *tx)
+            .await?;
         let edited: Vec<(&str, &UserChange)> = changes
             .iter()
             .filter(|(_, c)| !c.set.is_empty() || !c.removed.is_empty())
@@ -168,13 +175,6 @@ impl Store {
                 .iter()
                 .map(|(_, c)| Value::from(c.removed.clone()))
                 .collect();
-            // Lock in user order first: UPDATE ... FROM takes row locks in no defined order.
-            sqlx::query(
-                "SELECT 1 FROM contacts WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
-            )
-            .bind(&edited_users)
-            .execute(&mut *tx)
-            .await?;
             sqlx::query(
                 "UPDATE contacts AS c SET \
                    properties = (c.properties - ARRAY(SELECT jsonb_array_elements_text(r.removed))) || r.set, \

@@ -28,6 +28,28 @@ impl Store {
     }
 }
 
+/// Merges queue rows into one entry per user, ordered by user id.
+fn merge_entries(rows: Vec<(String, Vec<String>, Vec<String>)>) -> Vec<QueuedUser> {
+    let mut merged: BTreeMap<String, QueuedUser> = BTreeMap::new();
+    for (user_id, event_names, prop_keys) in rows {
+        let entry = merged.entry(user_id.clone()).or_insert_with(|| QueuedUser {
+            user_id,
+            ..QueuedUser::default()
+        });
+        for name in event_names {
+            if !entry.event_names.contains(&name) {
+                entry.event_names.push(name);
+            }
+        }
+        for key in prop_keys {
+            if !entry.prop_keys.contains(&key) {
+                entry.prop_keys.push(key);
+            }
+        }
+    }
+    merged.into_values().collect()
+}
+
 impl Round {
     /// Claims up to `limit` queue entries (skipping those another evaluator holds), deletes them
     /// as part of this round, and locks the claimed users so that no other round evaluates them
@@ -41,26 +63,23 @@ impl Round {
         .bind(limit)
         .fetch_all(&mut *self.tx)
         .await?;
-        let mut merged: BTreeMap<String, QueuedUser> = BTreeMap::new();
-        for (user_id, event_names, prop_keys) in rows {
-            let entry = merged.entry(user_id.clone()).or_insert_with(|| QueuedUser {
-                user_id,
-                ..QueuedUser::default()
-            });
-            for name in event_names {
-                if !entry.event_names.contains(&name) {
-                    entry.event_names.push(name);
-                }
-            }
-            for key in prop_keys {
-                if !entry.prop_keys.contains(&key) {
-                    entry.prop_keys.push(key);
-                }
-            }
-        }
-        let users: Vec<String> = merged.keys().cloned().collect();
+        let merged = merge_entries(rows);
+        let users: Vec<String> = merged.iter().map(|u| u.user_id.clone()).collect();
         self.lock_users(&users).await?;
-        Ok(merged.into_values().collect())
+        Ok(merged)
+    }
+
+    /// The unprocessed changes of `users` (call after [`Round::lock_users`], so no ingest for
+    /// them can commit in between): a backfill must not silently absorb a change the real-time
+    /// path will announce.
+    pub async fn pending_changes(&mut self, users: &[String]) -> Result<Vec<QueuedUser>> {
+        let rows: Vec<(String, Vec<String>, Vec<String>)> = sqlx::query_as(
+            "SELECT user_id, event_names, prop_keys FROM eval_queue WHERE user_id = ANY($1)",
+        )
+        .bind(users)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(merge_entries(rows))
     }
 
     /// Locks the contact rows of `users` in user order: rounds touching the same user run one
