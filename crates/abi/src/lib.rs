@@ -41,27 +41,119 @@ pub mod tag {
     pub const NUMBER: u32 = 3;
     /// Payload: absolute address; `len`: byte length (UTF-8).
     pub const STRING: u32 = 4;
-    /// An array value (its elements are not laid out in ABI v1).
+    /// Payload: absolute address of `len` element slots (16 bytes each) in the heap. Elements
+    /// are scalars laid out like top-level values; nested arrays and objects carry only their tag.
     pub const ARRAY: u32 = 5;
     /// An object value (not laid out in ABI v1).
     pub const OBJECT: u32 = 6;
     /// Payload: i64 event count.
     pub const COUNT: u32 = 7;
+    /// Payload: i64 Unix milliseconds (a [`crate::Fact::PropertyTime`] that parsed).
+    pub const TIMESTAMP: u32 = 8;
 }
 
 /// One fact a predicate needs per user. The host gathers each fact set-based for a whole batch.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Fact {
     /// Number of the user's events named `event` with `occurred_at >= now - within_secs`
-    /// (all of history when `within_secs` is `None`).
+    /// (all of history when `within_secs` is `None`) whose own properties satisfy `filter`.
     EventCount {
         event: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         within_secs: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        filter: Option<EventFilter>,
     },
     /// The top-level key `key` of the contact's merged properties.
     Property { key: String },
+    /// The same key read as an RFC 3339 timestamp: [`FactValue::Timestamp`] when it parses,
+    /// [`FactValue::Missing`] otherwise (absent, another type, or not a valid timestamp).
+    PropertyTime { key: String },
+}
+
+/// A condition on an event's own properties (`.where(...)`). Hosts translate it to their
+/// query language; its meaning is [`PropertyTest`]'s on each key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum EventFilter {
+    All { of: Vec<EventFilter> },
+    Any { of: Vec<EventFilter> },
+    Not { filter: Box<EventFilter> },
+    Test { key: String, test: PropertyTest },
+}
+
+/// A test of one property value. Semantics (the reference evaluator implements them):
+/// - `Compare`: numbers as f64, strings by bytes, booleans and null only by `==`/`!=`; a missing
+///   key or a type mismatch is false, except `!=`, which is then true.
+/// - `Exists`: the key is present with a non-null value; `NotExists` is its negation.
+/// - `Contains`: substring of a string, or an element (equal string) of an array; else false.
+/// - `StartsWith`: prefix of a string; else false.
+/// - `In`: `==` to any of the literals.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "test", rename_all = "snake_case")]
+pub enum PropertyTest {
+    Compare { cmp: CmpOp, value: Literal },
+    Exists,
+    NotExists,
+    Contains { value: String },
+    StartsWith { value: String },
+    In { values: Vec<Literal> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl CmpOp {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "==",
+            CmpOp::Ne => "!=",
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+            CmpOp::Gt => ">",
+            CmpOp::Ge => ">=",
+        }
+    }
+
+    /// Applies the operator to an ordering.
+    pub fn holds(self, ordering: std::cmp::Ordering) -> bool {
+        use std::cmp::Ordering::*;
+        match self {
+            CmpOp::Eq => ordering == Equal,
+            CmpOp::Ne => ordering != Equal,
+            CmpOp::Lt => ordering == Less,
+            CmpOp::Le => ordering != Greater,
+            CmpOp::Gt => ordering == Greater,
+            CmpOp::Ge => ordering != Less,
+        }
+    }
+}
+
+/// A literal of the criteria language.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum Literal {
+    Str(String),
+    Num(f64),
+    Bool(bool),
+    Null,
+}
+
+/// Parses an RFC 3339 timestamp to Unix milliseconds (sub-millisecond digits are truncated
+/// toward the past). The one definition every host and the reference evaluator share.
+pub fn parse_timestamp_ms(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp_millis())
 }
 
 /// The JSON document stored in the [`FACTS_SECTION`] custom section.
@@ -99,6 +191,7 @@ pub enum FactValue {
     Array(Vec<serde_json::Value>),
     Object,
     Count(i64),
+    Timestamp(i64),
 }
 
 impl FactValue {
@@ -170,24 +263,38 @@ impl BatchLayout {
 }
 
 /// Lays out `rows` (each `facts` values long) at guest address `base`; returns the layout and
-/// the bytes to copy to `base` (rows and string heap; the result area is left to the guest).
+/// the bytes to copy to `base` (rows and heap; the result area is left to the guest). The heap
+/// holds array element slots first (16-byte aligned when `base` is), then string bytes.
 pub fn encode_batch(base: u32, facts: usize, rows: &[Vec<FactValue>]) -> (BatchLayout, Vec<u8>) {
-    let heap_bytes: usize = rows
-        .iter()
-        .flatten()
-        .map(|value| match value {
-            FactValue::String(s) => s.len(),
-            _ => 0,
-        })
-        .sum();
+    let mut element_slots = 0usize;
+    let mut string_bytes = 0usize;
+    for value in rows.iter().flatten() {
+        match value {
+            FactValue::String(s) => string_bytes += s.len(),
+            FactValue::Array(items) => {
+                element_slots += items.len();
+                string_bytes += items
+                    .iter()
+                    .filter_map(serde_json::Value::as_str)
+                    .map(str::len)
+                    .sum::<usize>();
+            }
+            _ => {}
+        }
+    }
     let layout = BatchLayout {
         users: rows.len(),
         facts,
-        heap_bytes,
+        heap_bytes: element_slots * SLOT_BYTES + string_bytes,
+    };
+    let rows_end = base as u64 + layout.rows_bytes() as u64;
+    let mut heap = Heap {
+        elements: Vec::with_capacity(element_slots * SLOT_BYTES),
+        elements_base: rows_end,
+        strings: Vec::with_capacity(string_bytes),
+        strings_base: rows_end + (element_slots * SLOT_BYTES) as u64,
     };
     let mut bytes = Vec::with_capacity(layout.out_offset());
-    let mut heap = Vec::with_capacity(heap_bytes);
-    let heap_base = base as u64 + layout.rows_bytes() as u64;
     for row in rows {
         assert_eq!(
             row.len(),
@@ -195,57 +302,76 @@ pub fn encode_batch(base: u32, facts: usize, rows: &[Vec<FactValue>]) -> (BatchL
             "every row holds one value per declared fact"
         );
         for value in row {
-            let slot = match value {
-                FactValue::Missing => Slot {
-                    tag: tag::MISSING,
-                    len: 0,
-                    payload: 0,
-                },
-                FactValue::Null => Slot {
-                    tag: tag::NULL,
-                    len: 0,
-                    payload: 0,
-                },
-                FactValue::Bool(b) => Slot {
-                    tag: tag::BOOL,
-                    len: 0,
-                    payload: *b as u64,
-                },
-                FactValue::Number(n) => Slot {
-                    tag: tag::NUMBER,
-                    len: 0,
-                    payload: n.to_bits(),
-                },
-                FactValue::String(s) => {
-                    let address = heap_base + heap.len() as u64;
-                    heap.extend_from_slice(s.as_bytes());
-                    Slot {
-                        tag: tag::STRING,
-                        len: s.len() as u32,
-                        payload: address,
-                    }
-                }
-                FactValue::Array(_) => Slot {
-                    tag: tag::ARRAY,
-                    len: 0,
-                    payload: 0,
-                },
-                FactValue::Object => Slot {
-                    tag: tag::OBJECT,
-                    len: 0,
-                    payload: 0,
-                },
-                FactValue::Count(c) => Slot {
-                    tag: tag::COUNT,
-                    len: 0,
-                    payload: *c as u64,
-                },
-            };
+            let slot = heap.slot_of(value);
             bytes.extend_from_slice(&slot.to_bytes());
         }
     }
-    bytes.extend_from_slice(&heap);
+    bytes.extend_from_slice(&heap.elements);
+    bytes.extend_from_slice(&heap.strings);
     (layout, bytes)
+}
+
+/// The heap of a batch being encoded.
+struct Heap {
+    elements: Vec<u8>,
+    elements_base: u64,
+    strings: Vec<u8>,
+    strings_base: u64,
+}
+
+impl Heap {
+    fn string(&mut self, s: &str) -> Slot {
+        let address = self.strings_base + self.strings.len() as u64;
+        self.strings.extend_from_slice(s.as_bytes());
+        Slot {
+            tag: tag::STRING,
+            len: s.len() as u32,
+            payload: address,
+        }
+    }
+
+    fn slot_of(&mut self, value: &FactValue) -> Slot {
+        let bare = |tag: u32, payload: u64| Slot {
+            tag,
+            len: 0,
+            payload,
+        };
+        match value {
+            FactValue::Missing => bare(tag::MISSING, 0),
+            FactValue::Null => bare(tag::NULL, 0),
+            FactValue::Bool(b) => bare(tag::BOOL, *b as u64),
+            FactValue::Number(n) => bare(tag::NUMBER, n.to_bits()),
+            FactValue::String(s) => self.string(s),
+            FactValue::Array(items) => {
+                let address = self.elements_base + self.elements.len() as u64;
+                for item in items {
+                    let element = self.element_slot(item);
+                    self.elements.extend_from_slice(&element.to_bytes());
+                }
+                Slot {
+                    tag: tag::ARRAY,
+                    len: items.len() as u32,
+                    payload: address,
+                }
+            }
+            FactValue::Object => bare(tag::OBJECT, 0),
+            FactValue::Count(c) => bare(tag::COUNT, *c as u64),
+            FactValue::Timestamp(ms) => bare(tag::TIMESTAMP, *ms as u64),
+        }
+    }
+
+    /// An array element: scalars as at top level; nested containers keep only their tag.
+    fn element_slot(&mut self, item: &serde_json::Value) -> Slot {
+        use serde_json::Value;
+        match item {
+            Value::Array(_) => Slot {
+                tag: tag::ARRAY,
+                len: 0,
+                payload: 0,
+            },
+            other => self.slot_of(&FactValue::from_json(Some(other))),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -258,11 +384,43 @@ mod tests {
             Fact::EventCount {
                 event: "session_start".into(),
                 within_secs: Some(14 * 86_400),
+                filter: None,
+            },
+            Fact::EventCount {
+                event: "order".into(),
+                within_secs: None,
+                filter: Some(EventFilter::Test {
+                    key: "amount".into(),
+                    test: PropertyTest::Compare {
+                        cmp: CmpOp::Ge,
+                        value: Literal::Num(100.0),
+                    },
+                }),
             },
             Fact::Property { key: "plan".into() },
+            Fact::PropertyTime { key: "trial_ends_at".into() },
         ]);
         let json = manifest.to_json();
         assert_eq!(FactManifest::from_json(json.as_bytes()).unwrap(), manifest);
+    }
+
+    #[test]
+    fn arrays_lay_out_element_slots_before_strings() {
+        let rows = vec![vec![FactValue::Array(vec![
+            serde_json::json!("x"),
+            serde_json::json!(2),
+            serde_json::json!([1]),
+        ])]];
+        let (layout, bytes) = encode_batch(0, 1, &rows);
+        assert_eq!(layout.heap_bytes, 3 * 16 + 1);
+        let slot = |at: usize| Slot::from_bytes(&bytes[at..at + 16].try_into().unwrap());
+        assert_eq!(slot(0).tag, tag::ARRAY);
+        assert_eq!((slot(0).len, slot(0).payload), (3, 16));
+        assert_eq!(slot(16).tag, tag::STRING);
+        assert_eq!(slot(16).payload, 64);
+        assert_eq!(slot(32).tag, tag::NUMBER);
+        assert_eq!(slot(48).tag, tag::ARRAY);
+        assert_eq!(&bytes[64..65], b"x");
     }
 
     #[test]

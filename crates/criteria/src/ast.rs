@@ -39,11 +39,14 @@ impl Leaf {
     }
 }
 
-/// `event("name")[.within(D)].exists() | .not_exists() | .count() CMP N`
+/// `event("name")[.where(F)][.within(D)].exists() | .not_exists() | .count() CMP N`
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventLeaf {
     pub name: String,
     pub name_span: Span,
+    /// `.where(...)`: only property leaves (read from the event's own properties) combined
+    /// with and/or/not/all/any; validation rejects anything else.
+    pub filter: Option<Box<Expr>>,
     /// Window length in seconds; `None` = all of history.
     pub within_secs: Option<u64>,
     pub test: EventTest,
@@ -57,7 +60,7 @@ pub enum EventTest {
     Count(CmpOp, i64),
 }
 
-/// `prop("key") CMP literal`
+/// `prop("key") ...`
 #[derive(Debug, Clone, PartialEq)]
 pub struct PropLeaf {
     pub key: String,
@@ -67,49 +70,20 @@ pub struct PropLeaf {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum PropTest {
+    /// `prop(k) CMP literal`
     Cmp(CmpOp, Literal),
+    /// `prop(k).exists()`
+    Exists,
+    /// `prop(k).not_exists()`
+    NotExists,
+    /// `prop(k).contains("s")`
+    Contains(String),
+    /// `prop(k).starts_with("s")`
+    StartsWith(String),
+    /// `prop(k).in([literal, ...])`
+    In(Vec<Literal>),
+    /// `prop(k) CMP now() [(+|-) DUR]`; `offset_secs` is signed.
+    CmpNow { op: CmpOp, offset_secs: i64 },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CmpOp {
-    Eq,
-    Ne,
-    Lt,
-    Le,
-    Gt,
-    Ge,
-}
-
-impl CmpOp {
-    pub fn symbol(self) -> &'static str {
-        match self {
-            CmpOp::Eq => "==",
-            CmpOp::Ne => "!=",
-            CmpOp::Lt => "<",
-            CmpOp::Le => "<=",
-            CmpOp::Gt => ">",
-            CmpOp::Ge => ">=",
-        }
-    }
-
-    /// Applies the operator to an ordering.
-    pub fn holds(self, ordering: std::cmp::Ordering) -> bool {
-        use std::cmp::Ordering::*;
-        match self {
-            CmpOp::Eq => ordering == Equal,
-            CmpOp::Ne => ordering != Equal,
-            CmpOp::Lt => ordering == Less,
-            CmpOp::Le => ordering != Greater,
-            CmpOp::Gt => ordering == Greater,
-            CmpOp::Ge => ordering != Less,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Literal {
-    Str(String),
-    Num(f64),
-    Bool(bool),
-    Null,
-}
+pub use membrane_abi::{CmpOp, Literal};

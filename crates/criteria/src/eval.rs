@@ -5,21 +5,20 @@ use std::cmp::Ordering;
 
 use crate::ast::{CmpOp, Literal};
 use crate::plan::{Node, Plan};
-use membrane_abi::{Fact, FactValue};
+use membrane_abi::{EventFilter, Fact, FactValue, PropertyTest};
+use serde_json::{Map, Value};
 
 /// Evaluates `plan` for one user whose facts (in `plan.facts` order) are `facts`.
 /// `now_ms` is the evaluation instant in Unix milliseconds.
-/// (No construct of the language reads `now_ms` directly yet: windows are resolved into counts
-/// when facts are gathered.)
-pub fn evaluate(plan: &Plan, facts: &[FactValue], _now_ms: i64) -> bool {
-    eval_node(&plan.root, facts)
+pub fn evaluate(plan: &Plan, facts: &[FactValue], now_ms: i64) -> bool {
+    eval_node(&plan.root, facts, now_ms)
 }
 
-fn eval_node(node: &Node, facts: &[FactValue]) -> bool {
+fn eval_node(node: &Node, facts: &[FactValue], now_ms: i64) -> bool {
     match node {
-        Node::And(items) => items.iter().all(|n| eval_node(n, facts)),
-        Node::Or(items) => items.iter().any(|n| eval_node(n, facts)),
-        Node::Not(inner) => !eval_node(inner, facts),
+        Node::And(items) => items.iter().all(|n| eval_node(n, facts, now_ms)),
+        Node::Or(items) => items.iter().any(|n| eval_node(n, facts, now_ms)),
+        Node::Not(inner) => !eval_node(inner, facts, now_ms),
         Node::Count { fact, op, value } => {
             let count = match facts[*fact] {
                 FactValue::Count(c) => c,
@@ -27,8 +26,44 @@ fn eval_node(node: &Node, facts: &[FactValue]) -> bool {
             };
             op.holds(count.cmp(value))
         }
-        Node::PropCmp { fact, op, value } => compare_property(&facts[*fact], *op, value),
+        Node::Prop { fact, test } => property_holds(&facts[*fact], test),
+        Node::PropNow {
+            fact,
+            op,
+            offset_secs,
+        } => match facts[*fact] {
+            FactValue::Timestamp(at_ms) => {
+                let instant = now_ms.saturating_add(offset_secs.saturating_mul(1000));
+                op.holds(at_ms.cmp(&instant))
+            }
+            _ => false,
+        },
     }
+}
+
+/// The meaning of every [`PropertyTest`] (documented there) on one value.
+pub fn property_holds(value: &FactValue, test: &PropertyTest) -> bool {
+    match test {
+        PropertyTest::Compare { cmp, value: literal } => compare_property(value, *cmp, literal),
+        PropertyTest::Exists => !matches!(value, FactValue::Missing | FactValue::Null),
+        PropertyTest::NotExists => matches!(value, FactValue::Missing | FactValue::Null),
+        PropertyTest::Contains { value: needle } => match value {
+            FactValue::String(s) => contains_bytes(s.as_bytes(), needle.as_bytes()),
+            FactValue::Array(items) => items.iter().any(|item| item.as_str() == Some(needle)),
+            _ => false,
+        },
+        PropertyTest::StartsWith { value: prefix } => match value {
+            FactValue::String(s) => s.as_bytes().starts_with(prefix.as_bytes()),
+            _ => false,
+        },
+        PropertyTest::In { values } => values
+            .iter()
+            .any(|literal| compare_property(value, CmpOp::Eq, literal)),
+    }
+}
+
+fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|window| window == needle)
 }
 
 /// The brief's typing rules: a missing key or a type mismatch makes every comparison false
@@ -52,11 +87,24 @@ pub fn compare_property(actual: &FactValue, op: CmpOp, literal: &Literal) -> boo
     }
 }
 
+/// Whether an event's own properties satisfy a `.where(...)` filter.
+pub fn filter_holds(filter: &EventFilter, properties: &Map<String, Value>) -> bool {
+    match filter {
+        EventFilter::All { of } => of.iter().all(|f| filter_holds(f, properties)),
+        EventFilter::Any { of } => of.iter().any(|f| filter_holds(f, properties)),
+        EventFilter::Not { filter } => !filter_holds(filter, properties),
+        EventFilter::Test { key, test } => {
+            property_holds(&FactValue::from_json(properties.get(key)), test)
+        }
+    }
+}
+
 /// One event of a user, as the oracle sees raw data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawEvent {
     pub name: String,
     pub occurred_at_ms: i64,
+    pub properties: Map<String, Value>,
 }
 
 /// Computes `facts` from a user's raw events and merged properties, exactly as the store's SQL
@@ -64,22 +112,32 @@ pub struct RawEvent {
 pub fn gather_from_raw(
     facts: &[Fact],
     events: &[RawEvent],
-    properties: &serde_json::Map<String, serde_json::Value>,
+    properties: &Map<String, Value>,
     now_ms: i64,
 ) -> Vec<FactValue> {
     facts
         .iter()
         .map(|fact| match fact {
-            Fact::EventCount { event, within_secs } => {
+            Fact::EventCount {
+                event,
+                within_secs,
+                filter,
+            } => {
                 let since_ms = within_secs.map(|w| now_ms - (w as i64) * 1000);
                 let count = events
                     .iter()
                     .filter(|e| &e.name == event)
                     .filter(|e| since_ms.is_none_or(|since| e.occurred_at_ms >= since))
+                    .filter(|e| filter.as_ref().is_none_or(|f| filter_holds(f, &e.properties)))
                     .count();
                 FactValue::Count(count as i64)
             }
             Fact::Property { key } => FactValue::from_json(properties.get(key)),
+            Fact::PropertyTime { key } => properties
+                .get(key)
+                .and_then(Value::as_str)
+                .and_then(membrane_abi::parse_timestamp_ms)
+                .map_or(FactValue::Missing, FactValue::Timestamp),
         })
         .collect()
 }
@@ -90,7 +148,7 @@ pub fn blank_facts(facts: &[Fact]) -> Vec<FactValue> {
         .iter()
         .map(|fact| match fact {
             Fact::EventCount { .. } => FactValue::Count(0),
-            Fact::Property { .. } => FactValue::Missing,
+            Fact::Property { .. } | Fact::PropertyTime { .. } => FactValue::Missing,
         })
         .collect()
 }
@@ -119,16 +177,44 @@ mod tests {
     }
 
     #[test]
-    fn window_counts_include_the_edge_instant() {
+    fn contains_is_substring_for_strings_and_membership_for_arrays() {
+        let test = PropertyTest::Contains { value: "ab".into() };
+        assert!(property_holds(&FactValue::String("xaby".into()), &test));
+        assert!(!property_holds(&FactValue::String("a".into()), &test));
+        let array = FactValue::Array(vec![Value::from("ab"), Value::from(1)]);
+        assert!(property_holds(&array, &test));
+        let other = FactValue::Array(vec![Value::from("abc")]);
+        assert!(!property_holds(&other, &test));
+        assert!(!property_holds(&FactValue::Missing, &test));
+    }
+
+    #[test]
+    fn exists_means_present_and_not_null() {
+        assert!(property_holds(&FactValue::Bool(false), &PropertyTest::Exists));
+        assert!(!property_holds(&FactValue::Null, &PropertyTest::Exists));
+        assert!(property_holds(&FactValue::Missing, &PropertyTest::NotExists));
+    }
+
+    #[test]
+    fn window_counts_include_the_edge_instant_and_apply_the_filter() {
         let facts = vec![Fact::EventCount {
             event: "a".into(),
             within_secs: Some(10),
+            filter: Some(EventFilter::Test {
+                key: "ok".into(),
+                test: PropertyTest::Compare {
+                    cmp: CmpOp::Eq,
+                    value: Literal::Bool(true),
+                },
+            }),
         }];
-        let events = vec![RawEvent {
+        let event = |ok: bool| RawEvent {
             name: "a".into(),
             occurred_at_ms: 90_000,
-        }];
-        let props = serde_json::Map::new();
+            properties: serde_json::json!({ "ok": ok }).as_object().cloned().unwrap(),
+        };
+        let events = vec![event(true), event(false)];
+        let props = Map::new();
         assert_eq!(
             gather_from_raw(&facts, &events, &props, 100_000),
             vec![FactValue::Count(1)]

@@ -5,6 +5,7 @@
 
 pub mod ast;
 pub mod bucket;
+pub mod clock;
 pub mod compile;
 pub mod diag;
 pub mod duration;

@@ -2,8 +2,8 @@
 //! share. Each leaf reads one fact by its index in [`Plan::facts`], the order of the ABI
 //! manifest.
 
-use crate::ast::{CmpOp, EventTest, Expr, Leaf, Literal, PropTest};
-use membrane_abi::{Fact, FactManifest};
+use crate::ast::{CmpOp, EventTest, Expr, Leaf, PropTest, Span};
+use membrane_abi::{EventFilter, Fact, FactManifest, PropertyTest};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -19,29 +19,34 @@ pub enum Node {
     Or(Vec<Node>),
     Not(Box<Node>),
     /// `count(fact) CMP n`; `exists` is `> 0`, `not_exists` is `== 0`.
-    Count {
+    Count { fact: usize, op: CmpOp, value: i64 },
+    /// A property (a [`Fact::Property`]) tested under the brief's typing rules.
+    Prop { fact: usize, test: PropertyTest },
+    /// A timestamp property (a [`Fact::PropertyTime`]) compared with `now + offset_secs`;
+    /// false when the property is not a valid timestamp, whatever the operator.
+    PropNow {
         fact: usize,
         op: CmpOp,
-        value: i64,
-    },
-    /// A property compared with a literal under the brief's typing rules.
-    PropCmp {
-        fact: usize,
-        op: CmpOp,
-        value: Literal,
+        offset_secs: i64,
     },
 }
 
+/// Criteria that cannot be lowered; validation reports these with more context first.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("only property tests can appear inside `.where(...)`")]
+    NotAFilter { span: Span },
+}
+
 impl Plan {
-    pub fn new(expr: &Expr) -> Plan {
-        let mut facts = Vec::new();
-        let mut time_based = false;
-        let root = lower(expr, &mut facts, &mut time_based);
-        Plan {
-            facts,
+    pub fn new(expr: &Expr) -> Result<Plan, PlanError> {
+        let mut lowering = Lowering::default();
+        let root = lowering.node(expr)?;
+        Ok(Plan {
+            facts: lowering.facts,
             root,
-            time_based,
-        }
+            time_based: lowering.time_based,
+        })
     }
 
     pub fn manifest(&self) -> FactManifest {
@@ -49,53 +54,113 @@ impl Plan {
     }
 }
 
-fn fact_index(facts: &mut Vec<Fact>, fact: Fact) -> usize {
-    match facts.iter().position(|known| *known == fact) {
-        Some(index) => index,
-        None => {
-            facts.push(fact);
-            facts.len() - 1
-        }
-    }
+#[derive(Default)]
+struct Lowering {
+    facts: Vec<Fact>,
+    time_based: bool,
 }
 
-fn lower(expr: &Expr, facts: &mut Vec<Fact>, time_based: &mut bool) -> Node {
-    match expr {
-        Expr::And(items, _) => {
-            Node::And(items.iter().map(|e| lower(e, facts, time_based)).collect())
-        }
-        Expr::Or(items, _) => Node::Or(items.iter().map(|e| lower(e, facts, time_based)).collect()),
-        Expr::Not(inner, _) => Node::Not(Box::new(lower(inner, facts, time_based))),
-        Expr::Leaf(Leaf::Event(event)) => {
-            *time_based |= event.within_secs.is_some();
-            let fact = fact_index(
-                facts,
-                Fact::EventCount {
-                    event: event.name.clone(),
-                    within_secs: event.within_secs,
-                },
-            );
-            let (op, value) = match event.test {
-                EventTest::Exists => (CmpOp::Gt, 0),
-                EventTest::NotExists => (CmpOp::Eq, 0),
-                EventTest::Count(op, value) => (op, value),
-            };
-            Node::Count { fact, op, value }
-        }
-        Expr::Leaf(Leaf::Prop(prop)) => {
-            let fact = fact_index(
-                facts,
-                Fact::Property {
-                    key: prop.key.clone(),
-                },
-            );
-            match &prop.test {
-                PropTest::Cmp(op, value) => Node::PropCmp {
-                    fact,
-                    op: *op,
-                    value: value.clone(),
-                },
+impl Lowering {
+    fn fact_index(&mut self, fact: Fact) -> usize {
+        match self.facts.iter().position(|known| *known == fact) {
+            Some(index) => index,
+            None => {
+                self.facts.push(fact);
+                self.facts.len() - 1
             }
         }
     }
+
+    fn node(&mut self, expr: &Expr) -> Result<Node, PlanError> {
+        Ok(match expr {
+            Expr::And(items, _) => Node::And(self.nodes(items)?),
+            Expr::Or(items, _) => Node::Or(self.nodes(items)?),
+            Expr::Not(inner, _) => Node::Not(Box::new(self.node(inner)?)),
+            Expr::Leaf(Leaf::Event(event)) => {
+                self.time_based |= event.within_secs.is_some();
+                let filter = event.filter.as_deref().map(filter_of).transpose()?;
+                let fact = self.fact_index(Fact::EventCount {
+                    event: event.name.clone(),
+                    within_secs: event.within_secs,
+                    filter,
+                });
+                let (op, value) = match event.test {
+                    EventTest::Exists => (CmpOp::Gt, 0),
+                    EventTest::NotExists => (CmpOp::Eq, 0),
+                    EventTest::Count(op, value) => (op, value),
+                };
+                Node::Count { fact, op, value }
+            }
+            Expr::Leaf(Leaf::Prop(prop)) => match property_test(&prop.test) {
+                Some(test) => Node::Prop {
+                    fact: self.fact_index(Fact::Property {
+                        key: prop.key.clone(),
+                    }),
+                    test,
+                },
+                None => {
+                    let PropTest::CmpNow { op, offset_secs } = prop.test else {
+                        unreachable!("property_test covers every other test")
+                    };
+                    self.time_based = true;
+                    Node::PropNow {
+                        fact: self.fact_index(Fact::PropertyTime {
+                            key: prop.key.clone(),
+                        }),
+                        op,
+                        offset_secs,
+                    }
+                }
+            },
+        })
+    }
+
+    fn nodes(&mut self, items: &[Expr]) -> Result<Vec<Node>, PlanError> {
+        items.iter().map(|item| self.node(item)).collect()
+    }
+}
+
+/// The ABI form of a property test; `None` for `now()` comparisons, which read a timestamp fact.
+fn property_test(test: &PropTest) -> Option<PropertyTest> {
+    Some(match test {
+        PropTest::Cmp(cmp, value) => PropertyTest::Compare {
+            cmp: *cmp,
+            value: value.clone(),
+        },
+        PropTest::Exists => PropertyTest::Exists,
+        PropTest::NotExists => PropertyTest::NotExists,
+        PropTest::Contains(value) => PropertyTest::Contains {
+            value: value.clone(),
+        },
+        PropTest::StartsWith(value) => PropertyTest::StartsWith {
+            value: value.clone(),
+        },
+        PropTest::In(values) => PropertyTest::In {
+            values: values.clone(),
+        },
+        PropTest::CmpNow { .. } => return None,
+    })
+}
+
+/// Lowers the expression inside `.where(...)` onto the event's own properties.
+fn filter_of(expr: &Expr) -> Result<EventFilter, PlanError> {
+    let all = |items: &[Expr]| items.iter().map(filter_of).collect::<Result<Vec<_>, _>>();
+    Ok(match expr {
+        Expr::And(items, _) => EventFilter::All { of: all(items)? },
+        Expr::Or(items, _) => EventFilter::Any { of: all(items)? },
+        Expr::Not(inner, _) => EventFilter::Not {
+            filter: Box::new(filter_of(inner)?),
+        },
+        Expr::Leaf(Leaf::Prop(prop)) => EventFilter::Test {
+            key: prop.key.clone(),
+            test: property_test(&prop.test).ok_or(PlanError::NotAFilter {
+                span: prop.span.clone(),
+            })?,
+        },
+        Expr::Leaf(Leaf::Event(event)) => {
+            return Err(PlanError::NotAFilter {
+                span: event.span.clone(),
+            })
+        }
+    })
 }

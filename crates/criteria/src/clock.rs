@@ -1,0 +1,1 @@
+//! next_change_at: see the clock helper.
