@@ -15,17 +15,77 @@
 //! host writes after the rows; a string slot holds its absolute address and byte length. The host
 //! lays a batch out as `[rows][string heap][out bytes]` inside one `membrane_alloc` buffer.
 //!
+//! Two optional exports (see `docs/plugin-abi.md`):
+//! - `membrane_configure(config: i32, len: i32) -> i32`: the host writes the bucket's `[config]`
+//!   table as JSON into a `membrane_alloc` buffer and calls this once per instance, before any
+//!   `membrane_eval`; 0 accepts the config, anything else rejects it (the bucket does not load);
+//! - `membrane_last_error() -> i64`: `address << 32 | length` of a UTF-8 message explaining the
+//!   last non-zero code the module returned (0 when it has none), read by the host for its error.
+//!
 //! This crate is the only place that layout is defined; the compiler, the host and plugin SDKs
-//! all go through it.
+//! all go through it. Without its default `std` feature it is `no_std` + `alloc`, for guests.
+
+#![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec::Vec;
 
 use serde::{Deserialize, Serialize};
 
 pub const ABI_VERSION: u32 = 1;
-pub const FACTS_SECTION: &str = "membrane.facts";
-pub const EXPORT_MEMORY: &str = "memory";
-pub const EXPORT_VERSION: &str = "membrane_abi_version";
-pub const EXPORT_ALLOC: &str = "membrane_alloc";
-pub const EXPORT_EVAL: &str = "membrane_eval";
+
+/// The ABI's names as string literals, so they can also appear where Rust wants a literal
+/// (`#[link_section = ...]`, `#[export_name = ...]` in guest code). The constants below are the
+/// same names for ordinary code.
+#[macro_export]
+macro_rules! abi_name {
+    (facts_section) => {
+        "membrane.facts"
+    };
+    (memory) => {
+        "memory"
+    };
+    (version) => {
+        "membrane_abi_version"
+    };
+    (alloc) => {
+        "membrane_alloc"
+    };
+    (eval) => {
+        "membrane_eval"
+    };
+    (configure) => {
+        "membrane_configure"
+    };
+    (last_error) => {
+        "membrane_last_error"
+    };
+}
+
+pub const FACTS_SECTION: &str = abi_name!(facts_section);
+pub const EXPORT_MEMORY: &str = abi_name!(memory);
+pub const EXPORT_VERSION: &str = abi_name!(version);
+pub const EXPORT_ALLOC: &str = abi_name!(alloc);
+pub const EXPORT_EVAL: &str = abi_name!(eval);
+/// Optional: receives the bucket's `[config]` as JSON before any evaluation.
+pub const EXPORT_CONFIGURE: &str = abi_name!(configure);
+/// Optional: explains the last non-zero code the module returned.
+pub const EXPORT_LAST_ERROR: &str = abi_name!(last_error);
+
+/// Return codes of `membrane_eval` and `membrane_configure`. Only 0 has a fixed meaning to the
+/// host (success); the others are the conventions the Rust SDK follows, so messages can name them.
+pub mod code {
+    pub const OK: i32 = 0;
+    /// `membrane_configure`: the config is not what the module accepts.
+    pub const BAD_CONFIG: i32 = 1;
+    /// `membrane_eval` before a successful `membrane_configure`.
+    pub const NOT_CONFIGURED: i32 = 2;
+    /// `membrane_eval`: the batch does not match the manifest (a slot of an unexpected shape).
+    pub const BAD_INPUT: i32 = 3;
+}
 
 /// Bytes per fact slot.
 pub const SLOT_BYTES: usize = 16;
@@ -125,8 +185,8 @@ impl CmpOp {
     }
 
     /// Applies the operator to an ordering.
-    pub fn holds(self, ordering: std::cmp::Ordering) -> bool {
-        use std::cmp::Ordering::*;
+    pub fn holds(self, ordering: core::cmp::Ordering) -> bool {
+        use core::cmp::Ordering::*;
         match self {
             CmpOp::Eq => ordering == Equal,
             CmpOp::Ne => ordering != Equal,
@@ -148,6 +208,7 @@ pub enum Literal {
     Null,
 }
 
+#[cfg(feature = "std")]
 /// Parses an RFC 3339 timestamp to Unix milliseconds (sub-millisecond digits are truncated
 /// toward the past). The one definition every host and the reference evaluator share.
 pub fn parse_timestamp_ms(text: &str) -> Option<i64> {
@@ -171,16 +232,19 @@ impl FactManifest {
         }
     }
 
+    #[cfg(feature = "std")]
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a manifest always serializes")
     }
 
+    #[cfg(feature = "std")]
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
 }
 
 /// A gathered fact value for one user.
+#[cfg(feature = "std")]
 #[derive(Debug, Clone, PartialEq)]
 pub enum FactValue {
     Missing,
@@ -194,6 +258,7 @@ pub enum FactValue {
     Timestamp(i64),
 }
 
+#[cfg(feature = "std")]
 impl FactValue {
     /// A property value as stored in the contact's JSON properties (`None` = key absent).
     pub fn from_json(value: Option<&serde_json::Value>) -> Self {
@@ -228,7 +293,7 @@ impl Slot {
     }
 
     pub fn from_bytes(bytes: &[u8; SLOT_BYTES]) -> Self {
-        let word = |range: std::ops::Range<usize>| {
+        let word = |range: core::ops::Range<usize>| {
             let mut buf = [0u8; 8];
             buf[..range.len()].copy_from_slice(&bytes[range]);
             u64::from_le_bytes(buf)
@@ -262,13 +327,20 @@ impl BatchLayout {
     }
 }
 
-/// Lays out `rows` (each `facts` values long) at guest address `base`; returns the layout and
-/// the bytes to copy to `base` (rows and heap; the result area is left to the guest). The heap
-/// holds array element slots first (16-byte aligned when `base` is), then string bytes.
-pub fn encode_batch(base: u32, facts: usize, rows: &[Vec<FactValue>]) -> (BatchLayout, Vec<u8>) {
+/// What a row of values adds to a batch's heap: array element slots and string bytes.
+/// Hosts size their `membrane_alloc` request with it.
+#[cfg(feature = "std")]
+pub fn heap_bytes(row: &[FactValue]) -> usize {
+    let (element_slots, string_bytes) = heap_parts(row);
+    element_slots * SLOT_BYTES + string_bytes
+}
+
+/// The element slots and string bytes a row puts on the heap.
+#[cfg(feature = "std")]
+fn heap_parts(row: &[FactValue]) -> (usize, usize) {
     let mut element_slots = 0usize;
     let mut string_bytes = 0usize;
-    for value in rows.iter().flatten() {
+    for value in row {
         match value {
             FactValue::String(s) => string_bytes += s.len(),
             FactValue::Array(items) => {
@@ -282,6 +354,18 @@ pub fn encode_batch(base: u32, facts: usize, rows: &[Vec<FactValue>]) -> (BatchL
             _ => {}
         }
     }
+    (element_slots, string_bytes)
+}
+
+/// Lays out `rows` (each `facts` values long) at guest address `base`; returns the layout and
+/// the bytes to copy to `base` (rows and heap; the result area is left to the guest). The heap
+/// holds array element slots first (16-byte aligned when `base` is), then string bytes.
+#[cfg(feature = "std")]
+pub fn encode_batch(base: u32, facts: usize, rows: &[Vec<FactValue>]) -> (BatchLayout, Vec<u8>) {
+    let (element_slots, string_bytes) = rows
+        .iter()
+        .map(|row| heap_parts(row))
+        .fold((0, 0), |(slots, bytes), (s, b)| (slots + s, bytes + b));
     let layout = BatchLayout {
         users: rows.len(),
         facts,
@@ -312,6 +396,7 @@ pub fn encode_batch(base: u32, facts: usize, rows: &[Vec<FactValue>]) -> (BatchL
 }
 
 /// The heap of a batch being encoded.
+#[cfg(feature = "std")]
 struct Heap {
     elements: Vec<u8>,
     elements_base: u64,
@@ -319,6 +404,7 @@ struct Heap {
     strings_base: u64,
 }
 
+#[cfg(feature = "std")]
 impl Heap {
     fn string(&mut self, s: &str) -> Slot {
         let address = self.strings_base + self.strings.len() as u64;
@@ -374,7 +460,7 @@ impl Heap {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
 
@@ -398,7 +484,9 @@ mod tests {
                 }),
             },
             Fact::Property { key: "plan".into() },
-            Fact::PropertyTime { key: "trial_ends_at".into() },
+            Fact::PropertyTime {
+                key: "trial_ends_at".into(),
+            },
         ]);
         let json = manifest.to_json();
         assert_eq!(FactManifest::from_json(json.as_bytes()).unwrap(), manifest);
