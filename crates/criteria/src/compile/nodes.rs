@@ -1,0 +1,462 @@
+//! `membrane_eval`: the row loop and one code generator per plan node kind. Each generator
+//! mirrors the matching arm of the reference evaluator (`crate::eval`) and says where the wasm
+//! form differs in shape.
+
+use wasm_encoder::{BlockType, Function, Instruction, ValType};
+
+use super::{func, memory_arg, LiteralPool, SlotFields};
+use crate::ast::{CmpOp, Literal};
+use crate::plan::{Node, Plan};
+use membrane_abi::{tag, PropertyTest, SLOT_BYTES};
+
+/// `membrane_eval` parameters and locals.
+mod local {
+    pub const INPUT: u32 = 0;
+    pub const USERS: u32 = 1;
+    pub const OUT: u32 = 2;
+    /// i64: the evaluation instant, Unix milliseconds.
+    pub const NOW_MS: u32 = 3;
+    /// i32: index of the current user.
+    pub const USER: u32 = 4;
+    /// i32: address of the current user's row.
+    pub const ROW: u32 = 5;
+    /// i64 locals from here on: one per distinct `now() ± offset` instant of the plan.
+    pub const FIRST_INSTANT: u32 = 6;
+}
+
+/// `membrane_eval(input, users, out, now_ms)`: computes the plan's `now() ± offset` instants
+/// once, then evaluates the plan for each row and stores one result byte per user.
+pub(super) fn eval_function(plan: &Plan, literals: &mut LiteralPool) -> Function {
+    let mut offsets_ms = Vec::new();
+    collect_now_offsets(&plan.root, &mut offsets_ms);
+    let row_stride = (plan.facts.len() * SLOT_BYTES) as i32;
+
+    let mut codegen = NodeCodegen {
+        f: Function::new([(2, ValType::I32), (offsets_ms.len() as u32, ValType::I64)]),
+        literals,
+        offsets_ms,
+    };
+    codegen.compute_instants();
+    codegen
+        .f
+        .instructions()
+        .local_get(local::INPUT)
+        .local_set(local::ROW)
+        .block(BlockType::Empty)
+        .loop_(BlockType::Empty)
+        .local_get(local::USER)
+        .local_get(local::USERS)
+        .i32_ge_s()
+        .br_if(1)
+        // The result address, consumed by the store after the node's value.
+        .local_get(local::OUT)
+        .local_get(local::USER)
+        .i32_add();
+    codegen.node(&plan.root);
+    codegen
+        .f
+        .instructions()
+        .i32_store8(memory_arg(0, 0))
+        .local_get(local::ROW)
+        .i32_const(row_stride)
+        .i32_add()
+        .local_set(local::ROW)
+        .local_get(local::USER)
+        .i32_const(1)
+        .i32_add()
+        .local_set(local::USER)
+        .br(0)
+        .end()
+        .end()
+        .i32_const(0)
+        .end();
+    codegen.f
+}
+
+/// The distinct `offset_secs * 1000` (saturating, as in the oracle) of every `PropNow` node.
+fn collect_now_offsets(node: &Node, offsets_ms: &mut Vec<i64>) {
+    match node {
+        Node::And(items) | Node::Or(items) => {
+            for item in items {
+                collect_now_offsets(item, offsets_ms);
+            }
+        }
+        Node::Not(inner) => collect_now_offsets(inner, offsets_ms),
+        Node::PropNow { offset_secs, .. } => {
+            let offset_ms = offset_secs.saturating_mul(1000);
+            if !offsets_ms.contains(&offset_ms) {
+                offsets_ms.push(offset_ms);
+            }
+        }
+        Node::Count { .. } | Node::Prop { .. } => {}
+    }
+}
+
+/// Emits code for plan nodes inside `membrane_eval`. Every node leaves one i32 (0 or 1) on the
+/// stack and reads its facts relative to the current row address in [`local::ROW`].
+struct NodeCodegen<'a> {
+    f: Function,
+    literals: &'a mut LiteralPool,
+    /// `offsets_ms[i]` is held (added to `now_ms`) in local `FIRST_INSTANT + i`.
+    offsets_ms: Vec<i64>,
+}
+
+/// How the operands of a comparison are typed on the wasm stack.
+#[derive(Clone, Copy)]
+enum Operands {
+    /// Signed i32 (also used for `compare_bytes` results and booleans).
+    I32,
+    /// Signed i64 (event counts, timestamps).
+    I64,
+    /// f64 with IEEE semantics: every comparison with NaN is false except `!=`, matching
+    /// `partial_cmp` returning `None` in the oracle.
+    F64,
+}
+
+/// What [`NodeCodegen::call_with_string`] passes before the literal's address and length.
+#[derive(Clone, Copy)]
+enum SlotArgs {
+    /// The slot's string address: `bytes_equal(slot, literal, literal_len)`.
+    Address,
+    /// The slot's address and length (bytes or elements): the search helpers.
+    AddressAndLen,
+}
+
+impl NodeCodegen<'_> {
+    fn node(&mut self, node: &Node) {
+        match node {
+            Node::And(items) => self.all_of(items.len(), |this, i| this.node(&items[i])),
+            Node::Or(items) => self.any_of(items.len(), |this, i| this.node(&items[i])),
+            Node::Not(inner) => {
+                self.node(inner);
+                self.f.instructions().i32_eqz();
+            }
+            Node::Count { fact, op, value } => self.count(*fact, *op, *value),
+            Node::Prop { fact, test } => self.property(*fact, test),
+            Node::PropNow {
+                fact,
+                op,
+                offset_secs,
+            } => self.prop_now(*fact, *op, *offset_secs),
+        }
+    }
+
+    /// `a and b and c` as `a ? (b ? c : 0) : 0`: later items run only if earlier ones hold.
+    fn all_of(&mut self, count: usize, mut item: impl FnMut(&mut Self, usize)) {
+        if count == 0 {
+            self.f.instructions().i32_const(1);
+            return;
+        }
+        item(self, 0);
+        for index in 1..count {
+            self.f.instructions().if_(BlockType::Result(ValType::I32));
+            item(self, index);
+        }
+        for _ in 1..count {
+            self.f.instructions().else_().i32_const(0).end();
+        }
+    }
+
+    /// `a or b or c` as `a ? 1 : (b ? 1 : c)`.
+    fn any_of(&mut self, count: usize, mut item: impl FnMut(&mut Self, usize)) {
+        if count == 0 {
+            self.f.instructions().i32_const(0);
+            return;
+        }
+        item(self, 0);
+        for index in 1..count {
+            self.f
+                .instructions()
+                .if_(BlockType::Result(ValType::I32))
+                .i32_const(1)
+                .else_();
+            item(self, index);
+        }
+        for _ in 1..count {
+            self.f.instructions().end();
+        }
+    }
+
+    /// With a condition on the stack: `condition ? then : 0`.
+    fn and_then(&mut self, then: impl FnOnce(&mut Self)) {
+        self.f.instructions().if_(BlockType::Result(ValType::I32));
+        then(self);
+        self.f.instructions().else_().i32_const(0).end();
+    }
+
+    /// A count slot; any other tag counts as 0, like the oracle.
+    fn count(&mut self, fact: usize, op: CmpOp, value: i64) {
+        let slot = SlotFields::of_fact(fact);
+        self.f
+            .instructions()
+            .local_get(local::ROW)
+            .i64_load(slot.payload())
+            .i64_const(0);
+        self.push_tag_is(fact, tag::COUNT);
+        self.f.instructions().select().i64_const(value);
+        self.push_op(op, Operands::I64);
+    }
+
+    fn property(&mut self, fact: usize, test: &PropertyTest) {
+        match test {
+            PropertyTest::Compare { cmp, value } => self.compare(fact, *cmp, value),
+            PropertyTest::Exists => self.exists(fact),
+            PropertyTest::NotExists => {
+                self.exists(fact);
+                self.f.instructions().i32_eqz();
+            }
+            PropertyTest::Contains { value } => self.contains(fact, value),
+            PropertyTest::StartsWith { value } => self.starts_with(fact, value),
+            PropertyTest::In { values } => self.any_of(values.len(), |this, i| {
+                this.compare(fact, CmpOp::Eq, &values[i])
+            }),
+        }
+    }
+
+    /// A property against a literal: the typed comparison when the slot holds the literal's
+    /// type, otherwise `op == !=`.
+    fn compare(&mut self, fact: usize, op: CmpOp, literal: &Literal) {
+        let slot = SlotFields::of_fact(fact);
+        let is_equality = matches!(op, CmpOp::Eq | CmpOp::Ne);
+        match literal {
+            Literal::Num(number) => self.typed_compare(fact, tag::NUMBER, op, |this| {
+                this.f
+                    .instructions()
+                    .local_get(local::ROW)
+                    .f64_load(slot.payload())
+                    .f64_const((*number).into());
+                this.push_op(op, Operands::F64);
+            }),
+            Literal::Str(text) => self.typed_compare(fact, tag::STRING, op, |this| {
+                this.string_compare(fact, op, text)
+            }),
+            Literal::Bool(expected) if is_equality => {
+                self.typed_compare(fact, tag::BOOL, op, |this| {
+                    this.f
+                        .instructions()
+                        .local_get(local::ROW)
+                        .i64_load(slot.payload())
+                        .i64_const(0)
+                        .i64_ne()
+                        .i32_const(i32::from(*expected));
+                    this.push_op(op, Operands::I32);
+                })
+            }
+            // null == null: the ordering is `Equal`.
+            Literal::Null if is_equality => self.typed_compare(fact, tag::NULL, op, |this| {
+                this.f.instructions().i32_const(i32::from(op == CmpOp::Eq));
+            }),
+            // Booleans and null have no order: `<` and friends never hold.
+            Literal::Bool(_) | Literal::Null => {
+                self.f.instructions().i32_const(0);
+            }
+        }
+    }
+
+    /// `tag == expected_tag ? <comparison> : (op == !=)`; `push_comparison` pushes the 0/1
+    /// outcome of the typed comparison.
+    fn typed_compare(
+        &mut self,
+        fact: usize,
+        expected_tag: u32,
+        op: CmpOp,
+        push_comparison: impl FnOnce(&mut Self),
+    ) {
+        self.push_tag_is(fact, expected_tag);
+        self.f.instructions().if_(BlockType::Result(ValType::I32));
+        push_comparison(self);
+        self.f
+            .instructions()
+            .else_()
+            .i32_const(i32::from(op == CmpOp::Ne))
+            .end();
+    }
+
+    /// A string slot against a string literal. (In)equality needs no ordering, so it checks
+    /// the length first and the bytes only when the lengths match.
+    fn string_compare(&mut self, fact: usize, op: CmpOp, text: &str) {
+        if matches!(op, CmpOp::Eq | CmpOp::Ne) {
+            self.string_equals(fact, text);
+            if op == CmpOp::Ne {
+                self.f.instructions().i32_eqz();
+            }
+            return;
+        }
+        let slot = SlotFields::of_fact(fact);
+        let address = self.literals.address_of(text);
+        self.f
+            .instructions()
+            .local_get(local::ROW)
+            .i32_load(slot.address())
+            .local_get(local::ROW)
+            .i32_load(slot.len())
+            .i32_const(address as i32)
+            .i32_const(text.len() as i32)
+            .call(func::COMPARE_BYTES)
+            .i32_const(0);
+        self.push_op(op, Operands::I32);
+    }
+
+    /// Whether a slot already known to hold a string equals `text`.
+    fn string_equals(&mut self, fact: usize, text: &str) {
+        let slot = SlotFields::of_fact(fact);
+        self.f
+            .instructions()
+            .local_get(local::ROW)
+            .i32_load(slot.len())
+            .i32_const(text.len() as i32)
+            .i32_eq();
+        self.and_then(|this| {
+            this.call_with_string(fact, text, SlotArgs::Address, func::BYTES_EQUAL)
+        });
+    }
+
+    /// `exists`: present and not null.
+    fn exists(&mut self, fact: usize) {
+        let slot = SlotFields::of_fact(fact);
+        self.f
+            .instructions()
+            .local_get(local::ROW)
+            .i32_load(slot.tag())
+            .i32_const(tag::MISSING as i32)
+            .i32_ne()
+            .local_get(local::ROW)
+            .i32_load(slot.tag())
+            .i32_const(tag::NULL as i32)
+            .i32_ne()
+            .i32_and();
+    }
+
+    /// `contains`: a byte substring of a string, or an element of an array that is an equal
+    /// string; false for every other tag.
+    fn contains(&mut self, fact: usize, needle: &str) {
+        self.push_tag_is(fact, tag::STRING);
+        self.f.instructions().if_(BlockType::Result(ValType::I32));
+        self.call_with_string(fact, needle, SlotArgs::AddressAndLen, func::CONTAINS_BYTES);
+        self.f.instructions().else_();
+        self.push_tag_is(fact, tag::ARRAY);
+        self.and_then(|this| {
+            this.call_with_string(
+                fact,
+                needle,
+                SlotArgs::AddressAndLen,
+                func::ARRAY_HAS_STRING,
+            )
+        });
+        self.f.instructions().end();
+    }
+
+    /// `starts_with`: a string at least as long as the prefix whose first bytes are it.
+    fn starts_with(&mut self, fact: usize, prefix: &str) {
+        let slot = SlotFields::of_fact(fact);
+        self.push_tag_is(fact, tag::STRING);
+        self.and_then(|this| {
+            this.f
+                .instructions()
+                .local_get(local::ROW)
+                .i32_load(slot.len())
+                .i32_const(prefix.len() as i32)
+                .i32_ge_u();
+            this.and_then(|this| {
+                this.call_with_string(fact, prefix, SlotArgs::Address, func::BYTES_EQUAL)
+            });
+        });
+    }
+
+    /// Calls a byte helper on the slot's string (or array) and a string literal.
+    fn call_with_string(&mut self, fact: usize, literal: &str, args: SlotArgs, helper: u32) {
+        let slot = SlotFields::of_fact(fact);
+        let address = self.literals.address_of(literal);
+        let mut sink = self.f.instructions();
+        sink.local_get(local::ROW).i32_load(slot.address());
+        if let SlotArgs::AddressAndLen = args {
+            sink.local_get(local::ROW).i32_load(slot.len());
+        }
+        sink.i32_const(address as i32)
+            .i32_const(literal.len() as i32)
+            .call(helper);
+    }
+
+    /// A timestamp property against `now + offset`; false for any other tag, whatever `op`.
+    fn prop_now(&mut self, fact: usize, op: CmpOp, offset_secs: i64) {
+        let slot = SlotFields::of_fact(fact);
+        let instant = self.instant_local(offset_secs.saturating_mul(1000));
+        self.push_tag_is(fact, tag::TIMESTAMP);
+        self.and_then(|this| {
+            this.f
+                .instructions()
+                .local_get(local::ROW)
+                .i64_load(slot.payload())
+                .local_get(instant);
+            this.push_op(op, Operands::I64);
+        });
+    }
+
+    fn instant_local(&self, offset_ms: i64) -> u32 {
+        let position = self
+            .offsets_ms
+            .iter()
+            .position(|known| *known == offset_ms)
+            .expect("collect_now_offsets saw every PropNow node");
+        local::FIRST_INSTANT + position as u32
+    }
+
+    /// Sets each instant local to `now_ms + offset_ms`, saturating like the oracle: the offset
+    /// is a constant, so its sign says which way the sum can overflow (a positive offset
+    /// overflowed when the sum is below `now_ms`, a negative one when it is above).
+    fn compute_instants(&mut self) {
+        for (position, offset_ms) in self.offsets_ms.iter().enumerate() {
+            let instant = local::FIRST_INSTANT + position as u32;
+            let positive = *offset_ms >= 0;
+            let mut sink = self.f.instructions();
+            sink.i64_const(if positive { i64::MAX } else { i64::MIN })
+                .local_get(local::NOW_MS)
+                .i64_const(*offset_ms)
+                .i64_add()
+                .local_tee(instant)
+                .local_get(instant)
+                .local_get(local::NOW_MS);
+            if positive {
+                sink.i64_lt_s();
+            } else {
+                sink.i64_gt_s();
+            }
+            sink.select().local_set(instant);
+        }
+    }
+
+    fn push_tag_is(&mut self, fact: usize, expected_tag: u32) {
+        self.f
+            .instructions()
+            .local_get(local::ROW)
+            .i32_load(SlotFields::of_fact(fact).tag())
+            .i32_const(expected_tag as i32)
+            .i32_eq();
+    }
+
+    /// Applies `op` to the two operands on the stack.
+    fn push_op(&mut self, op: CmpOp, operands: Operands) {
+        use Instruction as I;
+        let instruction = match (operands, op) {
+            (Operands::I32, CmpOp::Eq) => I::I32Eq,
+            (Operands::I32, CmpOp::Ne) => I::I32Ne,
+            (Operands::I32, CmpOp::Lt) => I::I32LtS,
+            (Operands::I32, CmpOp::Le) => I::I32LeS,
+            (Operands::I32, CmpOp::Gt) => I::I32GtS,
+            (Operands::I32, CmpOp::Ge) => I::I32GeS,
+            (Operands::I64, CmpOp::Eq) => I::I64Eq,
+            (Operands::I64, CmpOp::Ne) => I::I64Ne,
+            (Operands::I64, CmpOp::Lt) => I::I64LtS,
+            (Operands::I64, CmpOp::Le) => I::I64LeS,
+            (Operands::I64, CmpOp::Gt) => I::I64GtS,
+            (Operands::I64, CmpOp::Ge) => I::I64GeS,
+            (Operands::F64, CmpOp::Eq) => I::F64Eq,
+            (Operands::F64, CmpOp::Ne) => I::F64Ne,
+            (Operands::F64, CmpOp::Lt) => I::F64Lt,
+            (Operands::F64, CmpOp::Le) => I::F64Le,
+            (Operands::F64, CmpOp::Gt) => I::F64Gt,
+            (Operands::F64, CmpOp::Ge) => I::F64Ge,
+        };
+        self.f.instruction(&instruction);
+    }
+}
