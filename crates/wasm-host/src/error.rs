@@ -48,8 +48,23 @@ pub enum LoadError {
         found: i64,
         expected: u32,
     },
+    #[error(
+        "the bucket has a non-empty [config] but the module does not export `{export}`, \
+         so it cannot receive it"
+    )]
+    ConfigNotAccepted { export: &'static str },
+    #[error("the module rejected its [config] (code {code}){}", detail(message))]
+    ConfigRejected { code: i32, message: Option<String> },
     #[error("the module failed its trial run: {0}")]
     TrialRun(#[source] EvalError),
+}
+
+/// `: <message>` for a guest's explanation of a non-zero code, or nothing when it gave none.
+fn detail(message: &Option<String>) -> String {
+    match message {
+        Some(message) => format!(": {message}"),
+        None => String::new(),
+    }
 }
 
 /// Why evaluating a batch failed. A module that fails here should be disabled.
@@ -91,8 +106,12 @@ pub enum EvalError {
         base: u32,
         memory_bytes: usize,
     },
-    #[error("membrane_eval returned error code {code}")]
-    ErrorCode { code: i32 },
+    #[error("membrane_eval returned error code {code}{}", detail(message))]
+    ErrorCode { code: i32, message: Option<String> },
+    /// `membrane_configure` refused the config on a later instantiation than the load-time one
+    /// (a module whose verdict on the same config changes is misbehaving).
+    #[error("membrane_configure returned error code {code}{}", detail(message))]
+    ConfigRejected { code: i32, message: Option<String> },
     #[error("membrane_eval wrote {byte} as the result of user {user}; results must be 0 or 1")]
     BadResultByte { user: usize, byte: u8 },
 }

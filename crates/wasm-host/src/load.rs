@@ -5,14 +5,27 @@ use std::sync::Arc;
 use membrane_abi::{FactManifest, ABI_VERSION, FACTS_SECTION};
 use wasmtime::{ExternType, FuncType, Linker, Module, ValType};
 
-use crate::error::LoadError;
+use crate::error::{EvalError, LoadError};
 use crate::predicate::Predicate;
 use crate::{Engine, Shared};
 
 impl Engine {
-    /// Compiles and checks a predicate module, then runs it once (instantiation and
-    /// `membrane_abi_version`) under the engine's limits.
+    /// Compiles and checks a predicate module that takes no config (compiled criteria), then
+    /// runs it once (instantiation and `membrane_abi_version`) under the engine's limits.
     pub fn load(&self, wasm: &[u8]) -> Result<Predicate, LoadError> {
+        self.load_with_config(wasm, &serde_json::Value::Object(serde_json::Map::new()))
+    }
+
+    /// Like [`Engine::load`], for a module that receives `config` (a plugin bucket's `[config]`
+    /// table). When the module exports `membrane_configure`, every instance gets the config as
+    /// JSON before its first `membrane_eval`; the trial run does the same, so a config the
+    /// module rejects fails here with its explanation. A module without that export may only be
+    /// given an empty config.
+    pub fn load_with_config(
+        &self,
+        wasm: &[u8],
+        config: &serde_json::Value,
+    ) -> Result<Predicate, LoadError> {
         let limits = &self.shared.limits;
         if wasm.len() > limits.max_module_bytes {
             return Err(LoadError::TooLarge {
@@ -24,13 +37,29 @@ impl Engine {
             .map_err(|error| LoadError::Invalid(format!("{error:#}")))?;
         reject_imports(&module)?;
         check_exports(&self.shared, &module)?;
+        let configurable = has_optional_export(&self.shared, &module, OptionalExport::Configure)?;
+        has_optional_export(&self.shared, &module, OptionalExport::LastError)?;
         let manifest = read_manifest(wasm)?;
+        let config = match (configurable, is_empty_config(config)) {
+            (true, _) => Some(config.to_string().into_bytes()),
+            (false, true) => None,
+            (false, false) => {
+                return Err(LoadError::ConfigNotAccepted {
+                    export: membrane_abi::EXPORT_CONFIGURE,
+                })
+            }
+        };
         // With no imports there is nothing to link; this cannot fail for a checked module.
         let instance_pre = Linker::new(&self.shared.wasmtime)
             .instantiate_pre(&module)
             .map_err(|error| LoadError::Invalid(format!("{error:#}")))?;
-        let predicate = Predicate::new(Arc::clone(&self.shared), manifest, instance_pre);
-        let version = predicate.abi_version().map_err(LoadError::TrialRun)?;
+        let predicate = Predicate::new(Arc::clone(&self.shared), manifest, instance_pre, config);
+        let version = predicate.trial_run().map_err(|error| match error {
+            EvalError::ConfigRejected { code, message } => {
+                LoadError::ConfigRejected { code, message }
+            }
+            other => LoadError::TrialRun(other),
+        })?;
         if version != ABI_VERSION as i32 {
             return Err(LoadError::WrongAbiVersion {
                 origin: "membrane_abi_version()",
@@ -69,6 +98,58 @@ fn expected_functions(engine: &wasmtime::Engine) -> [(&'static str, FuncType); 3
             FuncType::new(engine, [I32, I32, I32, I64], [I32]),
         ),
     ]
+}
+
+/// Exports a module may have; when present they must have these signatures.
+#[derive(Debug, Clone, Copy)]
+enum OptionalExport {
+    Configure,
+    LastError,
+}
+
+impl OptionalExport {
+    fn name(self) -> &'static str {
+        match self {
+            OptionalExport::Configure => membrane_abi::EXPORT_CONFIGURE,
+            OptionalExport::LastError => membrane_abi::EXPORT_LAST_ERROR,
+        }
+    }
+
+    fn signature(self, engine: &wasmtime::Engine) -> FuncType {
+        use ValType::{I32, I64};
+        match self {
+            OptionalExport::Configure => FuncType::new(engine, [I32, I32], [I32]),
+            OptionalExport::LastError => FuncType::new(engine, [], [I64]),
+        }
+    }
+}
+
+/// Whether the module exports `export`, refusing it when it has the wrong signature.
+fn has_optional_export(
+    shared: &Shared,
+    module: &Module,
+    export: OptionalExport,
+) -> Result<bool, LoadError> {
+    let name = export.name();
+    let expected = export.signature(&shared.wasmtime);
+    match module.get_export(name) {
+        None => Ok(false),
+        Some(ExternType::Func(found)) if FuncType::eq(&found, &expected) => Ok(true),
+        Some(other) => Err(LoadError::WrongExport {
+            name,
+            expected: format!("a function {expected}"),
+            found: describe(&other),
+        }),
+    }
+}
+
+/// `{}` (what a bucket without a `[config]` table gets) or `null`.
+fn is_empty_config(config: &serde_json::Value) -> bool {
+    match config {
+        serde_json::Value::Null => true,
+        serde_json::Value::Object(map) => map.is_empty(),
+        _ => false,
+    }
 }
 
 const EXPECTED_MEMORY: &str = "a 32-bit, unshared linear memory";

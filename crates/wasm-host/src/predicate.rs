@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use membrane_abi::{encode_batch, BatchLayout, FactManifest, FactValue, SLOT_BYTES};
+use membrane_abi::{encode_batch, heap_bytes, BatchLayout, FactManifest, FactValue, SLOT_BYTES};
 use wasmtime::{InstancePre, Memory, Store, TypedFunc};
 
 use crate::error::EvalError;
@@ -11,6 +11,8 @@ use crate::Shared;
 
 /// Most users handed to one `membrane_eval` call; bounds the work done under one time budget.
 const MAX_CHUNK_USERS: usize = 16 * 1024;
+/// Longest explanation read from `membrane_last_error`; the rest is cut.
+const MAX_GUEST_MESSAGE_BYTES: usize = 1024;
 /// Most batch bytes (rows, strings, results) per call, further bounded by a quarter of the
 /// memory cap so the guest keeps room for its own data.
 const MAX_CHUNK_BYTES: usize = 8 << 20;
@@ -26,6 +28,9 @@ pub struct Predicate {
     shared: Arc<Shared>,
     manifest: FactManifest,
     instance_pre: InstancePre<GuestLimiter>,
+    /// The config JSON handed to `membrane_configure` in every instance; `None` when the
+    /// module does not export it.
+    config: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Predicate {
@@ -41,11 +46,13 @@ impl Predicate {
         shared: Arc<Shared>,
         manifest: FactManifest,
         instance_pre: InstancePre<GuestLimiter>,
+        config: Option<Vec<u8>>,
     ) -> Self {
         Predicate {
             shared,
             manifest,
             instance_pre,
+            config,
         }
     }
 
@@ -84,8 +91,9 @@ impl Predicate {
         Ok(results)
     }
 
-    /// Instantiates the module and calls `membrane_abi_version`: the load-time trial run.
-    pub(crate) fn abi_version(&self) -> Result<i32, EvalError> {
+    /// The load-time trial run: instantiates (and configures) the module, then returns what
+    /// `membrane_abi_version` says.
+    pub(crate) fn trial_run(&self) -> Result<i32, EvalError> {
         let mut guest = self.instantiate()?;
         guest.call_version()
     }
@@ -117,7 +125,11 @@ impl Predicate {
                 call: CALL,
                 message: "the `memory` export disappeared".into(),
             })?;
-        Ok(Guest {
+        let configure = optional_func(&instance, &mut store, membrane_abi::EXPORT_CONFIGURE)
+            .map_err(missing)?;
+        let last_error = optional_func(&instance, &mut store, membrane_abi::EXPORT_LAST_ERROR)
+            .map_err(missing)?;
+        let mut guest = Guest {
             version: instance
                 .get_typed_func(&mut store, membrane_abi::EXPORT_VERSION)
                 .map_err(missing)?,
@@ -127,10 +139,27 @@ impl Predicate {
             eval: instance
                 .get_typed_func(&mut store, membrane_abi::EXPORT_EVAL)
                 .map_err(missing)?,
+            last_error,
             memory,
             store,
             shared: Arc::clone(&self.shared),
-        })
+        };
+        if let (Some(configure), Some(config)) = (configure, &self.config) {
+            guest.configure(configure, config)?;
+        }
+        Ok(guest)
+    }
+}
+
+/// An optional export's typed function (its signature was checked at load), `None` if absent.
+fn optional_func<Params: wasmtime::WasmParams, Results: wasmtime::WasmResults>(
+    instance: &wasmtime::Instance,
+    store: &mut Store<GuestLimiter>,
+    name: &str,
+) -> wasmtime::Result<Option<TypedFunc<Params, Results>>> {
+    match instance.get_export(&mut *store, name) {
+        None => Ok(None),
+        Some(_) => instance.get_typed_func(&mut *store, name).map(Some),
     }
 }
 
@@ -148,19 +177,10 @@ fn chunk_len(rows: &[Vec<FactValue>], facts: usize, byte_budget: usize) -> usize
     users
 }
 
-/// A row's share of a batch buffer: its slots, its strings and its result byte.
+/// A row's share of a batch buffer: its slots, its heap (array elements, strings) and its
+/// result byte.
 fn row_bytes(row: &[FactValue], facts: usize) -> usize {
-    facts * SLOT_BYTES + string_bytes(row) + 1
-}
-
-/// What a row adds to the batch's string heap.
-fn string_bytes(row: &[FactValue]) -> usize {
-    row.iter()
-        .map(|value| match value {
-            FactValue::String(s) => s.len(),
-            _ => 0,
-        })
-        .sum()
+    facts * SLOT_BYTES + heap_bytes(row) + 1
 }
 
 /// One live instance of a predicate, for the duration of one `evaluate` call.
@@ -170,6 +190,7 @@ struct Guest {
     version: TypedFunc<(), i32>,
     alloc: TypedFunc<i32, i32>,
     eval: TypedFunc<(i32, i32, i32, i64), i32>,
+    last_error: Option<TypedFunc<(), i64>>,
     shared: Arc<Shared>,
 }
 
@@ -179,6 +200,73 @@ impl Guest {
         self.version
             .call(&mut self.store, ())
             .map_err(|error| self.classify(error, membrane_abi::EXPORT_VERSION))
+    }
+
+    /// Hands the config to `membrane_configure`; a non-zero answer is a rejection.
+    fn configure(
+        &mut self,
+        configure: TypedFunc<(i32, i32), i32>,
+        config: &[u8],
+    ) -> Result<(), EvalError> {
+        let base = self.alloc_buffer(config.len())?;
+        self.memory.data_mut(&mut self.store)[base..base + config.len()].copy_from_slice(config);
+        let len = i32::try_from(config.len()).map_err(|_| EvalError::BatchTooLarge {
+            bytes: config.len(),
+        })?;
+        self.store.set_epoch_deadline(self.shared.deadline_ticks);
+        let code = configure
+            .call(&mut self.store, (base as u32 as i32, len))
+            .map_err(|error| self.classify(error, membrane_abi::EXPORT_CONFIGURE))?;
+        if code != membrane_abi::code::OK {
+            return Err(EvalError::ConfigRejected {
+                code,
+                message: self.guest_message(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Asks the guest for a buffer of `bytes` bytes and checks it lies inside its memory;
+    /// returns its address.
+    fn alloc_buffer(&mut self, bytes: usize) -> Result<usize, EvalError> {
+        let requested = i32::try_from(bytes).map_err(|_| EvalError::BatchTooLarge { bytes })?;
+        self.store.set_epoch_deadline(self.shared.deadline_ticks);
+        let returned = self
+            .alloc
+            .call(&mut self.store, requested)
+            .map_err(|error| self.classify(error, membrane_abi::EXPORT_ALLOC))?;
+        let base = u32::try_from(returned).map_err(|_| EvalError::AllocFailed {
+            requested: bytes,
+            returned,
+        })?;
+        let memory_bytes = self.memory.data_size(&self.store);
+        if base as usize + bytes > memory_bytes {
+            return Err(EvalError::BufferOutOfBounds {
+                requested: bytes,
+                base,
+                memory_bytes,
+            });
+        }
+        Ok(base as usize)
+    }
+
+    /// The guest's explanation of the code it just returned, if it exports
+    /// `membrane_last_error` and points at a message inside its memory. Best effort: a guest
+    /// that fails here only loses its explanation.
+    fn guest_message(&mut self) -> Option<String> {
+        let last_error = self.last_error.clone()?;
+        self.store.set_epoch_deadline(self.shared.deadline_ticks);
+        let packed = last_error.call(&mut self.store, ()).ok()? as u64;
+        let (address, len) = ((packed >> 32) as usize, (packed as u32) as usize);
+        if len == 0 {
+            return None;
+        }
+        let bytes = self
+            .memory
+            .data(&self.store)
+            .get(address..address.checked_add(len)?)?;
+        let shown = &bytes[..len.min(MAX_GUEST_MESSAGE_BYTES)];
+        Some(String::from_utf8_lossy(shown).into_owned())
     }
 
     /// Evaluates one chunk, appending its results; `first_user` is the chunk's offset in the
@@ -191,41 +279,21 @@ impl Guest {
         first_user: usize,
         results: &mut Vec<bool>,
     ) -> Result<(), EvalError> {
-        let heap_bytes = chunk.iter().map(|row| string_bytes(row)).sum();
         let total = BatchLayout {
             users: chunk.len(),
             facts,
-            heap_bytes,
+            heap_bytes: chunk.iter().map(|row| heap_bytes(row)).sum(),
         }
         .total_bytes();
-        let requested =
-            i32::try_from(total).map_err(|_| EvalError::BatchTooLarge { bytes: total })?;
         let users =
             i32::try_from(chunk.len()).map_err(|_| EvalError::BatchTooLarge { bytes: total })?;
+        let base = self.alloc_buffer(total)?;
 
-        self.store.set_epoch_deadline(self.shared.deadline_ticks);
-        let returned = self
-            .alloc
-            .call(&mut self.store, requested)
-            .map_err(|error| self.classify(error, membrane_abi::EXPORT_ALLOC))?;
-        let base = u32::try_from(returned).map_err(|_| EvalError::AllocFailed {
-            requested: total,
-            returned,
-        })?;
-        let memory_bytes = self.memory.data_size(&self.store);
-        let buffer = base as usize..base as usize + total;
-        if buffer.end > memory_bytes {
-            return Err(EvalError::BufferOutOfBounds {
-                requested: total,
-                base,
-                memory_bytes,
-            });
-        }
-
-        let (layout, bytes) = encode_batch(base, facts, chunk);
+        // `alloc_buffer` checked that `base` fits in 32 bits and the whole batch in memory.
+        let (layout, bytes) = encode_batch(base as u32, facts, chunk);
         let memory = self.memory.data_mut(&mut self.store);
-        memory[buffer.start..buffer.start + bytes.len()].copy_from_slice(&bytes);
-        let out = buffer.start + layout.out_offset();
+        memory[base..base + bytes.len()].copy_from_slice(&bytes);
+        let out = base + layout.out_offset();
 
         self.store.set_epoch_deadline(self.shared.deadline_ticks);
         let code = self
@@ -233,11 +301,14 @@ impl Guest {
             // Guest addresses are i32 bit patterns of u32 offsets.
             .call(
                 &mut self.store,
-                (returned, users, out as u32 as i32, now_ms),
+                (base as u32 as i32, users, out as u32 as i32, now_ms),
             )
             .map_err(|error| self.classify(error, membrane_abi::EXPORT_EVAL))?;
-        if code != 0 {
-            return Err(EvalError::ErrorCode { code });
+        if code != membrane_abi::code::OK {
+            return Err(EvalError::ErrorCode {
+                code,
+                message: self.guest_message(),
+            });
         }
 
         // The guest may have grown (never shrunk) memory, so the result range is still in bounds.

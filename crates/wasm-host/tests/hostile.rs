@@ -58,6 +58,7 @@ fn good_manifest() -> Vec<u8> {
     FactManifest::new(vec![Fact::EventCount {
         event: "purchase".into(),
         within_secs: None,
+        filter: None,
     }])
     .to_json()
     .into_bytes()
@@ -395,7 +396,13 @@ fn a_non_zero_return_is_an_error_code() {
     let error = eval_error(Guest::with_eval(|sink, _| {
         sink.i32_const(42);
     }));
-    assert_eq!(error, EvalError::ErrorCode { code: 42 });
+    assert_eq!(
+        error,
+        EvalError::ErrorCode {
+            code: 42,
+            message: None
+        }
+    );
 }
 
 #[test]
