@@ -184,7 +184,11 @@ impl Registry {
                 return Ok((previous.clone(), false));
             }
         }
-        let predicate = wasm.load(&module).map_err(|e| {
+        let loaded = match &def.body {
+            BucketBody::Criteria { .. } => wasm.load(&module),
+            BucketBody::Plugin { config, .. } => wasm.load_with_config(&module, config),
+        };
+        let predicate = loaded.map_err(|e| {
             failure(format!(
                 "error: bucket `{}` failed to load its predicate: {e}\n  --> {}",
                 def.id,
