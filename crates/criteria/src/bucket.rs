@@ -107,8 +107,8 @@ impl BucketDef {
         hex::encode(Sha256::digest(hashed.as_bytes()))
     }
 
-    /// Membership can change with no event arriving: a window in the criteria. Plugins receive
-    /// the clock, so they are assumed time-based.
+    /// Membership can change with no event arriving: a window or a `now()` comparison in the
+    /// criteria. Plugins receive the clock, so they are assumed time-based.
     pub fn time_based(&self) -> bool {
         match &self.body {
             BucketBody::Criteria { plan, .. } => plan.time_based,
@@ -574,12 +574,13 @@ impl<'t, 'i> Reader<'t, 'i> {
                 return None;
             }
         };
-        let problems = validate(&expr);
-        if !problems.is_empty() {
-            self.diags.extend(to_file(problems));
-            return None;
-        }
-        let plan = Plan::new(&expr);
+        let plan = match validate(&expr) {
+            Ok(plan) => plan,
+            Err(problems) => {
+                self.diags.extend(to_file(problems));
+                return None;
+            }
+        };
         Some(BucketBody::Criteria {
             text: text.to_string(),
             expr,

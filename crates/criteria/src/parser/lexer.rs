@@ -17,8 +17,14 @@ pub(crate) enum TokenKind {
     Cmp(CmpOp),
     LParen,
     RParen,
+    /// `[` and `]` delimit the list of `.in([...])`.
+    LBracket,
+    RBracket,
     Dot,
     Comma,
+    /// `+` and `-` standing alone (not the sign of a number): the offset of `now() + 14d`.
+    Plus,
+    Minus,
     Eof,
 }
 
@@ -92,16 +98,6 @@ impl Lexer<'_> {
                 _ if c.is_whitespace() => {
                     self.take_while(char::is_whitespace);
                 }
-                '(' | ')' | '.' | ',' => {
-                    self.pos += 1;
-                    let kind = match c {
-                        '(' => TokenKind::LParen,
-                        ')' => TokenKind::RParen,
-                        '.' => TokenKind::Dot,
-                        _ => TokenKind::Comma,
-                    };
-                    self.push(kind, start);
-                }
                 '=' | '!' | '<' | '>' => self.comparison(c, next),
                 '&' | '|' => self.c_style_operator(c, next),
                 '"' | '\'' => self.string(c),
@@ -123,6 +119,20 @@ impl Lexer<'_> {
                         TokenKind::Numeric(self.src[start..self.pos].to_string()),
                         start,
                     );
+                }
+                '(' | ')' | '[' | ']' | '.' | ',' | '+' | '-' => {
+                    self.pos += 1;
+                    let kind = match c {
+                        '(' => TokenKind::LParen,
+                        ')' => TokenKind::RParen,
+                        '[' => TokenKind::LBracket,
+                        ']' => TokenKind::RBracket,
+                        '.' => TokenKind::Dot,
+                        ',' => TokenKind::Comma,
+                        '+' => TokenKind::Plus,
+                        _ => TokenKind::Minus,
+                    };
+                    self.push(kind, start);
                 }
                 _ if c.is_ascii_alphabetic() || c == '_' => {
                     self.take_while(is_ident_char);
