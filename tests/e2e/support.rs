@@ -72,34 +72,29 @@ impl RunningEngine {
             .expect("the engine answers")
     }
 
+    /// Posts `body` and asserts it was accepted.
+    async fn post_accepted(&self, path: &str, body: serde_json::Value) {
+        let response = self.post(path, body).await;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "{path} refused: {text}");
+    }
+
     pub async fn track(&self, user: &str, event: &str) {
-        let response = self
-            .post(
-                "/v1/track",
-                serde_json::json!({"userId": user, "event": event, "messageId": format!("{user}-{event}-{}", nanos())}),
-            )
-            .await;
-        assert_eq!(
-            response.status(),
-            200,
-            "{}",
-            response.text().await.unwrap_or_default()
-        );
+        let message_id = format!("{user}-{event}-{}", nanos());
+        self.post_accepted(
+            "/v1/track",
+            serde_json::json!({"userId": user, "event": event, "messageId": message_id}),
+        )
+        .await;
     }
 
     pub async fn identify(&self, user: &str, traits: serde_json::Value) {
-        let response = self
-            .post(
-                "/v1/identify",
-                serde_json::json!({"userId": user, "traits": traits}),
-            )
-            .await;
-        assert_eq!(
-            response.status(),
-            200,
-            "{}",
-            response.text().await.unwrap_or_default()
-        );
+        self.post_accepted(
+            "/v1/identify",
+            serde_json::json!({"userId": user, "traits": traits}),
+        )
+        .await;
     }
 
     pub async fn transitions(&self) -> Vec<TransitionRow> {

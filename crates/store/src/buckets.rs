@@ -144,14 +144,15 @@ impl Store {
         .bind(run.finished_at)
         .bind(run.checked)
         .bind(run.joined)
-        .bind(run.left)
+        .bind(run.left_count)
         .execute(self.pool())
         .await?;
         Ok(())
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One completed sweep of one bucket.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct SweepRun {
     pub bucket_id: String,
     pub engine_id: String,
@@ -159,7 +160,7 @@ pub struct SweepRun {
     pub finished_at: DateTime<Utc>,
     pub checked: i64,
     pub joined: i64,
-    pub left: i64,
+    pub left_count: i64,
 }
 
 impl Round {

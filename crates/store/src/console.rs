@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, Row};
 
+pub use crate::buckets::SweepRun;
 pub use crate::reads::TransitionRow;
 use crate::{Result, Store};
 
@@ -73,18 +74,6 @@ pub struct QueueStats {
     pub depth_capped: bool,
     /// When the oldest waiting change was enqueued: the evaluation lag is `taken_at` minus this.
     pub oldest_enqueued_at: Option<DateTime<Utc>>,
-}
-
-#[derive(Debug, Clone, PartialEq, FromRow)]
-pub struct SweepRun {
-    pub id: i64,
-    pub bucket_id: String,
-    pub engine_id: String,
-    pub started_at: DateTime<Utc>,
-    pub finished_at: DateTime<Utc>,
-    pub checked: i64,
-    pub joined: i64,
-    pub left_count: i64,
 }
 
 /// One bucket in depth, for the console's detail view.
@@ -230,8 +219,7 @@ fn bucket_summary_from_row(row: &PgRow) -> Result<BucketSummary, sqlx::Error> {
     let id: String = row.try_get("id")?;
     let last_sweep = match row.try_get::<Option<i64>, _>("sweep_id")? {
         None => None,
-        Some(sweep_id) => Some(SweepRun {
-            id: sweep_id,
+        Some(_) => Some(SweepRun {
             bucket_id: id.clone(),
             engine_id: row.try_get("sweep_engine_id")?,
             started_at: row.try_get("sweep_started_at")?,

@@ -39,9 +39,8 @@ fn bucket(id: &str, description: &str, member_count: i64) -> BucketSummary {
     }
 }
 
-pub fn sweep(id: i64, bucket_id: &str, finished_seconds_ago: i64) -> SweepRun {
+pub fn sweep(bucket_id: &str, finished_seconds_ago: i64) -> SweepRun {
     SweepRun {
-        id,
         bucket_id: bucket_id.to_owned(),
         engine_id: "engine-a".to_owned(),
         started_at: ago(finished_seconds_ago) - TimeDelta::milliseconds(250),
@@ -81,7 +80,7 @@ pub fn snapshot(active_users: i64) -> ConsoleSnapshot {
         time_based: true,
         entered_1m: 12,
         left_1m: 4,
-        last_sweep: Some(sweep(7, "active-users", 42)),
+        last_sweep: Some(sweep("active-users", 42)),
         ..bucket(
             "active-users",
             "Had a session in the last 7 days",
@@ -153,6 +152,6 @@ pub fn big_spenders_detail() -> BucketDetail {
         backfilled_hash: Some("9f2c4e1a7b3d5f60".to_owned()),
         members: vec![member("alice", 1, 86_400), member("bob", 2, 9)],
         transitions: vec![transition(102, "big-spenders", "bob", "entered", 9)],
-        sweeps: vec![sweep(5, "big-spenders", 120), sweep(2, "big-spenders", 720)],
+        sweeps: vec![sweep("big-spenders", 120), sweep("big-spenders", 720)],
     }
 }
