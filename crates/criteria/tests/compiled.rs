@@ -368,6 +368,19 @@ fn large_batches_are_chunked_and_long_strings_grow_memory() {
 }
 
 #[test]
+fn arrays_larger_than_a_page_are_searched_whole() {
+    // 2,000 rows of 40 elements: 1.28 MB of element slots, far past the module's first page.
+    let tags: Vec<Value> = (0..40).map(|i| json!(format!("tag-{i}"))).collect();
+    let rows: Vec<Vec<FactValue>> = (0..2_000)
+        .map(|i| vec![FactValue::Array(tags[..(i % 41)].to_vec())])
+        .collect();
+    let root = prop_test(PropertyTest::Contains {
+        value: "tag-39".into(),
+    });
+    check(&plan(vec![property("tags")], root), &rows);
+}
+
+#[test]
 fn compiled_predicate_is_shareable_across_threads() {
     let compiled = compile(&plan(
         vec![property("plan")],
