@@ -18,7 +18,7 @@ pub enum DurationError {
     NoUnit(String),
     #[error("`{text}` has an unknown unit `{unit}`; {EXPECTED}")]
     UnknownUnit { text: String, unit: String },
-    #[error("a duration of zero (`{0}`) is not allowed: a window or period must be at least `1s`")]
+    #[error("a duration of zero (`{0}`) is not allowed: durations are at least `1s`")]
     Zero(String),
     #[error("`{0}` is too long: durations are limited to 100 years (`36500d`)")]
     TooLong(String),

@@ -215,8 +215,7 @@ fn blank_user_help(culprit: &Expr) -> String {
     match culprit {
         Expr::Leaf(Leaf::Event(event)) => format!(
             "a user who never sent `{name}` passes this; also require something the user did, \
-             e.g. `event(\"{name}\").exists() and event(\"{name}\").within(7d).not_exists()` \
-             for users who sent `{name}` once but not lately",
+             e.g. `event(\"{name}\").exists() and event(\"{name}\").within(7d).not_exists()`",
             name = event.name
         ),
         Expr::Leaf(Leaf::Prop(prop)) if prop.test == PropTest::NotExists => format!(

@@ -161,6 +161,9 @@ impl Lexer<'_> {
     /// intent (`==`, `!=`) so that parsing can go on.
     fn comparison(&mut self, first: char, second: Option<char>) {
         let start = self.pos;
+        if let (true, Some(reversed @ ('<' | '>'))) = (first == '=', second) {
+            return self.reversed_comparison(reversed);
+        }
         let with_equals = second == Some('=');
         self.pos += if with_equals { 2 } else { 1 };
         let op = match (first, with_equals) {
@@ -187,6 +190,22 @@ impl Lexer<'_> {
                 CmpOp::Ne
             }
         };
+        self.push(TokenKind::Cmp(op), start);
+    }
+
+    /// `=>` and `=<` are reported and read as `>=` and `<=`.
+    fn reversed_comparison(&mut self, second: char) {
+        let start = self.pos;
+        self.pos += 2;
+        let (meant, op) = match second {
+            '>' => (">=", CmpOp::Ge),
+            _ => ("<=", CmpOp::Le),
+        };
+        self.lexed.diags.push(Diagnostic::new(
+            format!("`={second}` is not a comparison"),
+            start..self.pos,
+            format!("did you mean `{meant}`?"),
+        ));
         self.push(TokenKind::Cmp(op), start);
     }
 

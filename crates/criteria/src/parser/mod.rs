@@ -672,9 +672,9 @@ impl Parser<'_> {
     /// `(expr)` after `.where`. Errors inside are reported and the filter is then `None`
     /// (never used, since the parse as a whole fails).
     fn filter(&mut self, leaf_start: usize) -> Parse<Option<Box<Expr>>> {
-        self.expect(TokenKind::LParen, "`(`", leaf_start)?;
+        let open = self.expect(TokenKind::LParen, "`(`", leaf_start)?;
         if *self.peek_kind() == TokenKind::RParen {
-            let span = self.bump().span;
+            let span = open.start..self.bump().span.end;
             self.diags.push(
                 Diagnostic::new(
                     "`.where()` needs a condition on the event's properties",
@@ -708,7 +708,7 @@ impl Parser<'_> {
         self.expect(TokenKind::LParen, "`(`", leaf_start)?;
         let secs = self.duration(
             leaf_start,
-            "a window is at least `1s`; to count all of history, leave out `.within(...)`",
+            "to count all of history, leave out `.within(...)`",
         )?;
         self.expect(TokenKind::RParen, "`)`", leaf_start)?;
         Ok(secs)
@@ -762,15 +762,17 @@ impl Parser<'_> {
                 .trim_start_matches('-')
                 .chars()
                 .all(|c| c.is_ascii_digit());
-            let message = match digits_only {
-                true => format!("`{text}` is too large for an event count"),
-                false => format!("`{text}` is not a whole number"),
+            let (message, label) = match digits_only {
+                true => (
+                    format!("`{text}` is too large for an event count"),
+                    format!("at most {}", i64::MAX),
+                ),
+                false => (
+                    format!("`{text}` is not a whole number"),
+                    "expected a whole number".to_string(),
+                ),
             };
-            self.fail(Diagnostic::new(
-                message,
-                token.span.clone(),
-                "expected a whole number",
-            ))
+            self.fail(Diagnostic::new(message, token.span.clone(), label))
         })
     }
 
