@@ -17,10 +17,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{Map, Value};
 
-const DEFAULT_CASES: u32 = 400;
+const DEFAULT_CASES: u32 = 2_000;
 const EVENT_NAMES: [&str; 3] = ["a", "b", "c"];
-/// Few keys, so that filters and properties often meet.
-const KEYS: [&str; 4] = ["k", "plan", "tags", "when"];
+/// Few keys, so that filters and properties often meet (one with a quote: keys are parameters).
+const KEYS: [&str; 5] = ["k", "plan", "tags", "when", "it's"];
 const WINDOWS_SECS: [u64; 4] = [1, 60, 3_600, 86_400];
 /// 2025-06-01T00:00:00Z; each case's `now` lies within about 11 days after it.
 const BASE_NOW_US: i64 = 1_748_736_000_000_000;
@@ -198,9 +198,12 @@ fn fact() -> impl Strategy<Value = Fact> {
 /// edge, else anywhere from ten days back to a day ahead.
 fn event_offset_ms() -> impl Strategy<Value = i64> {
     prop_oneof![
-        (prop::sample::select(WINDOWS_SECS.to_vec()), -1i64..=1)
+        3 => (
+            prop::sample::select(WINDOWS_SECS.to_vec()),
+            prop::sample::select(vec![-1i64, 0, 0, 1]),
+        )
             .prop_map(|(window, nudge)| -(window as i64) * 1000 + nudge),
-        -10 * 86_400_000i64..86_400_000,
+        1 => -10 * 86_400_000i64..86_400_000,
     ]
 }
 
@@ -287,20 +290,16 @@ async fn insert(store: &Store, users: &[User]) -> Result<Vec<String>, sqlx::Erro
     Ok(ids)
 }
 
-/// ABI-level equality: array elements are laid out as f64 like top-level numbers, so JSON
-/// `1e16` and `10000000000000000` (how Postgres prints it back) are the same value.
+/// ABI-level equality: array elements are laid out as f64 like top-level numbers (so JSON
+/// `1e16` and `10000000000000000`, how Postgres prints it back, are the same value), and nested
+/// arrays and objects as their tag alone.
 fn abi_view(value: &FactValue) -> FactValue {
     fn element(item: &Value) -> Value {
         match item {
             Value::Number(n) => n.as_f64().map_or(Value::Null, Value::from),
-            Value::Array(items) => Value::Array(items.iter().map(element).collect()),
-            Value::Object(entries) => Value::Object(
-                entries
-                    .iter()
-                    .map(|(k, v)| (k.clone(), element(v)))
-                    .collect(),
-            ),
-            other => other.clone(),
+            Value::Array(_) => Value::Array(Vec::new()),
+            Value::Object(_) => Value::Object(Map::new()),
+            scalar => scalar.clone(),
         }
     }
     match value {
