@@ -73,7 +73,7 @@ pub trait Plugin: Sized {
 /// Parses a `[config]` JSON document and builds the plugin from it: what `membrane_configure`
 /// does, exposed for host-side tests.
 pub fn configure<P: Plugin>(config_json: &[u8]) -> Result<P, String> {
-    let (config, _) = serde_json_core::from_slice::<P::Config>(config_json)
+    let config = serde_json::from_slice::<P::Config>(config_json)
         .map_err(|error| alloc::format!("invalid [config]: {error}"))?;
     P::new(config)
 }
