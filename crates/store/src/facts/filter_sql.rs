@@ -173,7 +173,7 @@ impl Statement {
             Literal::Num(number) => {
                 let value = property.sql(self);
                 let number = self.bind(Param::Float(*number));
-                // JSON numbers become the nearest double, like serde_json's `as_f64`.
+                // A JSON number as float8 is its nearest double, the f64 the ABI carries.
                 of_type(
                     &value,
                     "number",

@@ -6,7 +6,7 @@ mod filter_sql;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use membrane_abi::{Fact, FactValue};
+use membrane_abi::{EventFilter, Fact, FactValue};
 use serde_json::Value;
 
 use crate::round::Round;
@@ -23,7 +23,7 @@ struct CountFact<'a> {
     event: &'a str,
     /// The window's start; `None` = all of history.
     since: Option<DateTime<Utc>>,
-    filter: Option<&'a membrane_abi::EventFilter>,
+    filter: Option<&'a EventFilter>,
 }
 
 impl Round {
