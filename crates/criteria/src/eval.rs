@@ -44,7 +44,10 @@ fn eval_node(node: &Node, facts: &[FactValue], now_ms: i64) -> bool {
 /// The meaning of every [`PropertyTest`] (documented there) on one value.
 pub fn property_holds(value: &FactValue, test: &PropertyTest) -> bool {
     match test {
-        PropertyTest::Compare { cmp, value: literal } => compare_property(value, *cmp, literal),
+        PropertyTest::Compare {
+            cmp,
+            value: literal,
+        } => compare_property(value, *cmp, literal),
         PropertyTest::Exists => !matches!(value, FactValue::Missing | FactValue::Null),
         PropertyTest::NotExists => matches!(value, FactValue::Missing | FactValue::Null),
         PropertyTest::Contains { value: needle } => match value {
@@ -63,7 +66,10 @@ pub fn property_holds(value: &FactValue, test: &PropertyTest) -> bool {
 }
 
 fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
-    needle.is_empty() || haystack.windows(needle.len()).any(|window| window == needle)
+    needle.is_empty()
+        || haystack
+            .windows(needle.len())
+            .any(|window| window == needle)
 }
 
 /// The brief's typing rules: a missing key or a type mismatch makes every comparison false
@@ -123,12 +129,16 @@ pub fn gather_from_raw(
                 within_secs,
                 filter,
             } => {
-                let since_ms = within_secs.map(|w| now_ms - (w as i64) * 1000);
+                let since_ms = within_secs.map(|w| window_start_ms(now_ms, w));
                 let count = events
                     .iter()
                     .filter(|e| &e.name == event)
                     .filter(|e| since_ms.is_none_or(|since| e.occurred_at_ms >= since))
-                    .filter(|e| filter.as_ref().is_none_or(|f| filter_holds(f, &e.properties)))
+                    .filter(|e| {
+                        filter
+                            .as_ref()
+                            .is_none_or(|f| filter_holds(f, &e.properties))
+                    })
                     .count();
                 FactValue::Count(count as i64)
             }
@@ -140,6 +150,13 @@ pub fn gather_from_raw(
                 .map_or(FactValue::Missing, FactValue::Timestamp),
         })
         .collect()
+}
+
+/// The first instant inside a window of `within_secs` ending at `now_ms`, saturating at the
+/// i64 limits (a window longer than all representable time includes everything).
+pub fn window_start_ms(now_ms: i64, within_secs: u64) -> i64 {
+    let start = i128::from(now_ms) - i128::from(within_secs) * 1000;
+    start.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
 }
 
 /// The facts of a user with no events and no properties: criteria must be false for them.
@@ -190,9 +207,15 @@ mod tests {
 
     #[test]
     fn exists_means_present_and_not_null() {
-        assert!(property_holds(&FactValue::Bool(false), &PropertyTest::Exists));
+        assert!(property_holds(
+            &FactValue::Bool(false),
+            &PropertyTest::Exists
+        ));
         assert!(!property_holds(&FactValue::Null, &PropertyTest::Exists));
-        assert!(property_holds(&FactValue::Missing, &PropertyTest::NotExists));
+        assert!(property_holds(
+            &FactValue::Missing,
+            &PropertyTest::NotExists
+        ));
     }
 
     #[test]
@@ -211,7 +234,10 @@ mod tests {
         let event = |ok: bool| RawEvent {
             name: "a".into(),
             occurred_at_ms: 90_000,
-            properties: serde_json::json!({ "ok": ok }).as_object().cloned().unwrap(),
+            properties: serde_json::json!({ "ok": ok })
+                .as_object()
+                .cloned()
+                .unwrap(),
         };
         let events = vec![event(true), event(false)];
         let props = Map::new();

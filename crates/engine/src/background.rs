@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-use membrane_store::{EntryRule, Source, SweepRun, QUEUE_CHANNEL};
+use chrono::{DateTime, Utc};
+use membrane_store::{EntryRule, Round, Source, SweepRun, QUEUE_CHANNEL};
 use tokio::sync::watch;
 
 use crate::evaluate::{evaluate_batch, Outcome, Recording};
@@ -103,19 +103,88 @@ async fn realtime_round(shared: &Shared) -> Result<usize, EngineError> {
         let Some(bucket) = registry.buckets.get(bucket_id).filter(|_| enabled) else {
             continue;
         };
-        let outcome = evaluate_batch(
-            &mut round,
-            bucket,
-            &users,
-            now,
-            Recording::live(bucket, Source::Event),
-        )
+        evaluate_serving(shared, &mut round, bucket.clone(), &users, now, |b| {
+            Recording::live(b, Source::Event)
+        })
         .await?;
-        count(shared, &outcome);
     }
     round.commit().await?;
     shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
     Ok(queued.len())
+}
+
+/// Evaluates `users` with `bucket`; when that version faults at run time it is quarantined and
+/// the version serving after that (its fallback, if any) evaluates them instead. Counts what
+/// was done.
+async fn evaluate_serving(
+    shared: &Shared,
+    round: &mut Round,
+    mut bucket: Arc<LoadedBucket>,
+    users: &[String],
+    now: DateTime<Utc>,
+    recording: impl Fn(&LoadedBucket) -> Recording,
+) -> Result<Outcome, EngineError> {
+    loop {
+        match evaluate_batch(round, &bucket, users, now, recording(&bucket)).await {
+            Ok(outcome) => {
+                count(shared, &outcome);
+                return Ok(outcome);
+            }
+            Err(EngineError::Predicate { source, .. }) => {
+                match quarantine(shared, &bucket, &source).await? {
+                    Some(serving) => bucket = serving,
+                    None => return Ok(Outcome::default()),
+                }
+            }
+            Err(other) => return Err(other),
+        }
+    }
+}
+
+/// Takes a faulting version out of service (once, however many tasks hit the fault), records
+/// the fault for the console and CLI, and returns the version now serving under its id.
+async fn quarantine(
+    shared: &Shared,
+    bucket: &LoadedBucket,
+    fault: &membrane_wasm::EvalError,
+) -> Result<Option<Arc<LoadedBucket>>, EngineError> {
+    let id = bucket.id();
+    let current = shared.registry.load_full();
+    let still_serving = current
+        .buckets
+        .get(id)
+        .is_some_and(|serving| serving.hash == bucket.hash);
+    if still_serving {
+        let message = format!(
+            "error: bucket `{id}` faulted at run time and this version was disabled: {fault}\n  --> {}\n  = note: {}",
+            bucket.def.path.display(),
+            if current.has_fallback(id) {
+                "the previous version of this bucket serves until the file changes"
+            } else {
+                "no earlier version loaded; the bucket stops until its file changes"
+            }
+        );
+        tracing::error!(bucket = %id, "{message}");
+        shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let next = current.without_faulted(bucket, &message);
+        if let Some(fallback) = next.buckets.get(id) {
+            shared
+                .store
+                .record_bucket_version(&fallback.version())
+                .await?;
+        }
+        shared.registry.store(Arc::new(next));
+        shared
+            .store
+            .record_bucket_error(
+                id,
+                &bucket.def.path.display().to_string(),
+                &bucket.def.source,
+                &message,
+            )
+            .await?;
+    }
+    Ok(shared.registry.load().buckets.get(id).cloned())
 }
 
 /// Re-checks every enabled time-based bucket's members on an interval: the clock can take a
@@ -145,7 +214,7 @@ pub(crate) async fn sweeps(shared: Arc<Shared>, mut stopped: watch::Receiver<boo
     }
 }
 
-async fn sweep_bucket(shared: &Shared, bucket: &LoadedBucket) -> Result<(), EngineError> {
+async fn sweep_bucket(shared: &Shared, bucket: &Arc<LoadedBucket>) -> Result<(), EngineError> {
     let started_at = Utc::now();
     let mut total = Outcome::default();
     let mut after = String::new();
@@ -158,16 +227,12 @@ async fn sweep_bucket(shared: &Shared, bucket: &LoadedBucket) -> Result<(), Engi
         after = last.clone();
         let mut round = shared.store.begin_round().await?;
         round.lock_users(&page).await?;
-        let outcome = evaluate_batch(
-            &mut round,
-            bucket,
-            &page,
-            Utc::now(),
-            Recording::live(bucket, Source::Sweep),
-        )
-        .await?;
+        let outcome =
+            evaluate_serving(shared, &mut round, bucket.clone(), &page, Utc::now(), |b| {
+                Recording::live(b, Source::Sweep)
+            })
+            .await?;
         round.commit().await?;
-        count(shared, &outcome);
         total.evaluated += outcome.evaluated;
         total.joined.memberships += outcome.joined.memberships;
         total.left.memberships += outcome.left.memberships;
@@ -182,7 +247,7 @@ async fn sweep_bucket(shared: &Shared, bucket: &LoadedBucket) -> Result<(), Engi
             finished_at: Utc::now(),
             checked: total.evaluated as i64,
             joined: total.joined.memberships,
-            left: total.left.memberships,
+            left_count: total.left.memberships,
         })
         .await?;
     Ok(())
@@ -222,7 +287,7 @@ pub(crate) async fn backfills(shared: Arc<Shared>, mut stopped: watch::Receiver<
 
 async fn backfill_bucket(
     shared: &Shared,
-    bucket: &LoadedBucket,
+    bucket: &Arc<LoadedBucket>,
     first_version: bool,
 ) -> Result<(), EngineError> {
     let started = std::time::Instant::now();
@@ -261,8 +326,10 @@ async fn backfill_bucket(
         let now = Utc::now();
         let live_recording = Recording::live(bucket, Source::Event);
         for (users, recording) in [(quiet, recording), (live, live_recording)] {
-            let outcome = evaluate_batch(&mut round, bucket, &users, now, recording).await?;
-            count(shared, &outcome);
+            let outcome = evaluate_serving(shared, &mut round, bucket.clone(), &users, now, |_| {
+                recording
+            })
+            .await?;
             total.evaluated += outcome.evaluated;
             total.joined.memberships += outcome.joined.memberships;
         }

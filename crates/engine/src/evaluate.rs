@@ -17,15 +17,15 @@ pub struct Outcome {
 
 /// How the joins and leaves of an evaluation are recorded.
 #[derive(Debug, Clone, Copy)]
-pub struct Recording<'a> {
+pub struct Recording {
     pub source: Source,
     pub join_rule: EntryRule,
-    pub join_reason: &'a str,
-    pub leave_reason: &'a str,
+    pub join_reason: &'static str,
+    pub leave_reason: &'static str,
 }
 
-impl<'a> Recording<'a> {
-    pub fn live(bucket: &LoadedBucket, source: Source) -> Recording<'a> {
+impl Recording {
+    pub fn live(bucket: &LoadedBucket, source: Source) -> Recording {
         Recording {
             source,
             join_rule: bucket.entry_rule(),
@@ -41,7 +41,7 @@ pub async fn evaluate_batch(
     bucket: &LoadedBucket,
     users: &[String],
     now: DateTime<Utc>,
-    recording: Recording<'_>,
+    recording: Recording,
 ) -> Result<Outcome, EngineError> {
     if users.is_empty() {
         return Ok(Outcome::default());

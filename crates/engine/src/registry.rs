@@ -8,7 +8,7 @@ use std::sync::Arc;
 use membrane_abi::Fact;
 use membrane_criteria::bucket::{self, BucketBody, BucketDef, EntryLimit, OnChange};
 use membrane_criteria::compile;
-use membrane_store::{EntryRule, QueuedUser};
+use membrane_store::{BucketVersion, EntryRule, QueuedUser};
 use membrane_wasm::Predicate;
 use sha2::{Digest, Sha256};
 
@@ -27,6 +27,18 @@ impl LoadedBucket {
         &self.def.id
     }
 
+    /// The row every engine and the console read about this version.
+    pub fn version(&self) -> BucketVersion {
+        BucketVersion {
+            id: self.def.id.clone(),
+            source_path: self.def.path.display().to_string(),
+            description: self.def.description.clone(),
+            definition: self.def.source.clone(),
+            criteria_hash: self.hash.clone(),
+            time_based: self.time_based,
+        }
+    }
+
     pub fn entry_rule(&self) -> EntryRule {
         match self.def.entry_limit {
             EntryLimit::Unlimited => EntryRule::Unlimited,
@@ -41,7 +53,7 @@ impl LoadedBucket {
     pub fn affected_by(&self, change: &QueuedUser) -> bool {
         self.facts.iter().any(|fact| match fact {
             Fact::EventCount { event, .. } => change.event_names.contains(event),
-            Fact::Property { key } => change.prop_keys.contains(key),
+            Fact::Property { key } | Fact::PropertyTime { key } => change.prop_keys.contains(key),
         })
     }
 
@@ -63,11 +75,17 @@ pub struct LoadFailure {
     pub message: String,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Registry {
     pub buckets: BTreeMap<String, Arc<LoadedBucket>>,
     by_event: HashMap<String, Vec<String>>,
     by_prop: HashMap<String, Vec<String>>,
+    /// The version each bucket served before its current one: it takes over if the current
+    /// version faults at run time.
+    fallbacks: HashMap<String, Arc<LoadedBucket>>,
+    /// Versions (bucket id → hash) that faulted at run time, with the fault. They are not
+    /// loaded again until their file changes.
+    faulted: HashMap<String, (String, String)>,
 }
 
 /// The outcome of reading `buckets/` once.
@@ -93,7 +111,7 @@ impl Registry {
         for fact in &bucket.facts {
             let (index, key) = match fact {
                 Fact::EventCount { event, .. } => (&mut self.by_event, event),
-                Fact::Property { key } => (&mut self.by_prop, key),
+                Fact::Property { key } | Fact::PropertyTime { key } => (&mut self.by_prop, key),
             };
             let ids = index.entry(key.clone()).or_default();
             if !ids.contains(&bucket.def.id) {
@@ -103,11 +121,41 @@ impl Registry {
         self.buckets.insert(bucket.def.id.clone(), bucket);
     }
 
+    pub fn has_fallback(&self, id: &str) -> bool {
+        self.fallbacks.contains_key(id)
+    }
+
+    /// This registry with `bucket`'s version taken out after a run-time fault: the version it
+    /// replaced serves again if there is one, else the bucket stops until its file changes.
+    pub fn without_faulted(&self, bucket: &LoadedBucket, fault: &str) -> Registry {
+        let id = bucket.id();
+        let mut next = Registry {
+            fallbacks: self.fallbacks.clone(),
+            faulted: self.faulted.clone(),
+            ..Registry::default()
+        };
+        next.faulted
+            .insert(id.to_owned(), (bucket.hash.clone(), fault.to_owned()));
+        let fallback = next.fallbacks.remove(id);
+        for (other_id, other) in &self.buckets {
+            if other_id != id {
+                next.insert(other.clone());
+            }
+        }
+        if let Some(fallback) = fallback.filter(|f| f.hash != bucket.hash) {
+            next.insert(fallback);
+        }
+        next
+    }
+
     /// Reads every bucket file in `dir`; unchanged versions are carried over from `self`
     /// without recompiling, and a file that fails keeps its previous version serving.
     pub fn reload(&self, dir: &Path, wasm: &membrane_wasm::Engine) -> Reload {
         let report = bucket::load_dir(dir);
-        let mut next = Registry::default();
+        let mut next = Registry {
+            faulted: self.faulted.clone(),
+            ..Registry::default()
+        };
         let mut changed = Vec::new();
         let mut failures: Vec<LoadFailure> = report
             .errors
@@ -125,8 +173,14 @@ impl Registry {
         for def in report.buckets {
             match self.build(def, wasm) {
                 Ok((bucket, is_new)) => {
+                    let id = bucket.id().to_owned();
                     if is_new {
                         changed.push(bucket.clone());
+                        if let Some(replaced) = self.buckets.get(&id) {
+                            next.fallbacks.insert(id.clone(), replaced.clone());
+                        }
+                    } else if let Some(fallback) = self.fallbacks.get(&id) {
+                        next.fallbacks.insert(id.clone(), fallback.clone());
                     }
                     next.insert(bucket);
                 }
@@ -136,6 +190,9 @@ impl Registry {
         for failure in &failures {
             if let Some(previous) = self.buckets.get(&failure.id) {
                 if !next.buckets.contains_key(&failure.id) {
+                    if let Some(fallback) = self.fallbacks.get(&failure.id) {
+                        next.fallbacks.insert(failure.id.clone(), fallback.clone());
+                    }
                     next.insert(previous.clone());
                 }
             }
@@ -182,6 +239,11 @@ impl Registry {
         if let Some(previous) = self.buckets.get(&def.id) {
             if previous.hash == hash && previous.def.source == def.source {
                 return Ok((previous.clone(), false));
+            }
+        }
+        if let Some((faulted_hash, fault)) = self.faulted.get(&def.id) {
+            if *faulted_hash == hash {
+                return Err(failure(fault.clone()));
             }
         }
         let loaded = match &def.body {

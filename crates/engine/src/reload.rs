@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use membrane_store::BucketVersion;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
@@ -27,16 +26,7 @@ pub(crate) async fn reload_now(shared: &Arc<Shared>) -> Result<(), EngineError> 
 
     let store = &shared.store;
     for bucket in &reload.changed {
-        store
-            .record_bucket_version(&BucketVersion {
-                id: bucket.def.id.clone(),
-                source_path: bucket.def.path.display().to_string(),
-                description: bucket.def.description.clone(),
-                definition: bucket.def.source.clone(),
-                criteria_hash: bucket.hash.clone(),
-                time_based: bucket.time_based,
-            })
-            .await?;
+        store.record_bucket_version(&bucket.version()).await?;
     }
     for failure in &reload.failures {
         tracing::warn!(bucket = %failure.id, "bucket file failed to load:\n{}", failure.message);
