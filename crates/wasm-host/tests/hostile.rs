@@ -37,6 +37,8 @@ struct Guest {
     eval_params: Vec<ValType>,
     memory: MemoryType,
     export_alloc: bool,
+    /// More exports, as (name, which function: 0 version, 1 alloc, 2 eval).
+    extra_exports: Vec<(&'static str, u32)>,
     padding_bytes: usize,
 }
 
@@ -141,6 +143,7 @@ impl Default for Guest {
                 page_size_log2: None,
             },
             export_alloc: true,
+            extra_exports: Vec::new(),
             padding_bytes: 0,
         }
     }
@@ -195,6 +198,9 @@ impl Guest {
             exports.export("membrane_alloc", ExportKind::Func, alloc);
         }
         exports.export("membrane_eval", ExportKind::Func, eval);
+        for (name, function) in &self.extra_exports {
+            exports.export(name, ExportKind::Func, version + function);
+        }
         module.section(&exports);
 
         let mut code = CodeSection::new();
@@ -626,4 +632,43 @@ fn a_predicate_outliving_its_engine_is_still_interrupted() {
         Err(EvalError::Timeout { .. })
     ));
     assert!(started.elapsed() < SETTLED_WITHIN);
+}
+
+/// A `[config]` can only go to a module that exports `membrane_configure`, with its exact
+/// signature; an empty config needs no export.
+#[test]
+fn config_needs_a_well_typed_configure_export() {
+    let config = serde_json::json!({"threshold": 2});
+    let plain = Guest::default().build();
+    let error = ENGINE.load_with_config(&plain, &config).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            LoadError::ConfigNotAccepted {
+                export: "membrane_configure"
+            }
+        ),
+        "{error}"
+    );
+    ENGINE
+        .load_with_config(&plain, &serde_json::json!({}))
+        .expect("an empty config needs no export");
+
+    let mistyped = Guest {
+        extra_exports: vec![("membrane_configure", 1)],
+        ..Guest::default()
+    };
+    let error = ENGINE
+        .load_with_config(&mistyped.build(), &config)
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            LoadError::WrongExport {
+                name: "membrane_configure",
+                ..
+            }
+        ),
+        "{error}"
+    );
 }
