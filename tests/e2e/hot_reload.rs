@@ -74,6 +74,16 @@ async fn edited_bucket_takes_effect_and_broken_edit_keeps_old_version() {
     );
     assert!(error.contains('^'), "error lacks a caret: {error}");
 
+    // The CLI shows the same error, and exits 1 while a bucket is failing.
+    let status = std::process::Command::new(crate::support::BINARY)
+        .arg("status")
+        .env("DATABASE_URL", &engine.db.url)
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(1));
+    let printed = String::from_utf8_lossy(&status.stdout);
+    assert!(printed.contains("vip.toml:3:43"), "{printed}");
+
     // The platinum version still serves.
     engine
         .identify("second-platinum", serde_json::json!({"tier": "platinum"}))

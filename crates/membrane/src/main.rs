@@ -75,6 +75,13 @@ enum Command {
         #[arg(long)]
         console: bool,
     },
+    /// Print every bucket's state as the engines recorded it: members, enabled, errors.
+    Status {
+        #[command(flatten)]
+        db: Database,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
     /// Open the console on a database an engine writes to.
     Console {
         #[command(flatten)]
@@ -135,6 +142,12 @@ async fn dispatch(command: Command) -> Result<std::process::ExitCode> {
             let logs = console.then(|| std::env::temp_dir().join("membrane.log"));
             init_logs(logs.as_deref());
             serve(store, engine, console).await?;
+        }
+        Command::Status { db, format } => {
+            let store = Store::connect(&db.database_url)
+                .await
+                .with_context(|| format!("cannot connect to {}", redact(&db.database_url)))?;
+            return status(&store, format).await;
         }
         Command::Console { db } => {
             let store = Store::connect(&db.database_url)
@@ -243,6 +256,50 @@ fn check(paths: &[PathBuf], format: Format) -> std::process::ExitCode {
     } else {
         std::process::ExitCode::from(1)
     }
+}
+
+/// Exit code 1 when any bucket's latest version failed to load or faulted.
+async fn status(store: &Store, format: Format) -> Result<std::process::ExitCode> {
+    let snapshot = membrane_store::console::snapshot(store, 0).await?;
+    match format {
+        Format::Human => {
+            for bucket in &snapshot.buckets {
+                let switch = if bucket.enabled {
+                    "enabled"
+                } else {
+                    "disabled"
+                };
+                println!(
+                    "{:<24} {:<8} {:<9} {:>9} members",
+                    bucket.id, bucket.status, switch, bucket.member_count
+                );
+                if let Some(error) = &bucket.last_error {
+                    for line in error.lines() {
+                        println!("    {line}");
+                    }
+                }
+            }
+        }
+        Format::Json => {
+            let buckets: Vec<serde_json::Value> = snapshot
+                .buckets
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "id": b.id, "status": b.status, "enabled": b.enabled,
+                        "members": b.member_count, "last_error": b.last_error,
+                    })
+                })
+                .collect();
+            println!("{:#}", serde_json::json!({ "buckets": buckets }));
+        }
+    }
+    let failing = snapshot.buckets.iter().any(|b| b.status == "error");
+    Ok(if failing {
+        std::process::ExitCode::from(1)
+    } else {
+        std::process::ExitCode::SUCCESS
+    })
 }
 
 /// Runs the engine and the HTTP API until Ctrl-C (or until the console quits).
