@@ -4,4 +4,5 @@ mod check;
 mod console;
 mod hot_reload;
 mod live;
+mod plugins;
 mod support;
