@@ -19,9 +19,16 @@ pub enum Node {
     Or(Vec<Node>),
     Not(Box<Node>),
     /// `count(fact) CMP n`; `exists` is `> 0`, `not_exists` is `== 0`.
-    Count { fact: usize, op: CmpOp, value: i64 },
+    Count {
+        fact: usize,
+        op: CmpOp,
+        value: i64,
+    },
     /// A property (a [`Fact::Property`]) tested under the brief's typing rules.
-    Prop { fact: usize, test: PropertyTest },
+    Prop {
+        fact: usize,
+        test: PropertyTest,
+    },
     /// A timestamp property (a [`Fact::PropertyTime`]) compared with `now + offset_secs`;
     /// false when the property is not a valid timestamp, whatever the operator.
     PropNow {
