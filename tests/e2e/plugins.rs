@@ -28,10 +28,16 @@ async fn churn_risk_plugin_scores_users_in_real_time() {
 
     engine.track("cart-leaver", "session_start").await;
     engine.track("cart-leaver", "added_to_cart").await;
-    // Active and buying: score 0.
-    engine.track("buyer", "session_start").await;
-    engine.track("buyer", "added_to_cart").await;
-    engine.track("buyer", "order_completed").await;
+    // Active and buying: score 0. One batch, so that no round sees the cart without the order.
+    let buyer_events: Vec<serde_json::Value> =
+        ["session_start", "added_to_cart", "order_completed"]
+            .iter()
+            .map(|event| serde_json::json!({"type": "track", "userId": "buyer", "event": event}))
+            .collect();
+    let buyer_batch = engine
+        .post("/v1/batch", serde_json::json!({ "batch": buyer_events }))
+        .await;
+    assert_eq!(buyer_batch.status(), 200);
 
     let entered = engine
         .wait_for_transition(Duration::from_secs(10), |t| {
