@@ -360,8 +360,23 @@ fn heap_parts(row: &[FactValue]) -> (usize, usize) {
 /// Lays out `rows` (each `facts` values long) at guest address `base`; returns the layout and
 /// the bytes to copy to `base` (rows and heap; the result area is left to the guest). The heap
 /// holds array element slots first (16-byte aligned when `base` is), then string bytes.
+/// Hosts that can write straight into guest memory use [`encode_into`] and skip this copy.
 #[cfg(feature = "std")]
 pub fn encode_batch(base: u32, facts: usize, rows: &[Vec<FactValue>]) -> (BatchLayout, Vec<u8>) {
+    let mut bytes = vec![0u8; batch_layout(facts, rows).out_offset()];
+    let layout = encode_into(&mut bytes, base, facts, rows);
+    (layout, bytes)
+}
+
+/// The sizes of the batch [`encode_batch`] or [`encode_into`] would lay out for `rows`.
+#[cfg(feature = "std")]
+pub fn batch_layout(facts: usize, rows: &[Vec<FactValue>]) -> BatchLayout {
+    layout_and_element_slots(facts, rows).0
+}
+
+/// The batch layout and how many array element slots open its heap.
+#[cfg(feature = "std")]
+fn layout_and_element_slots(facts: usize, rows: &[Vec<FactValue>]) -> (BatchLayout, usize) {
     let (element_slots, string_bytes) = rows
         .iter()
         .map(|row| heap_parts(row))
@@ -371,14 +386,38 @@ pub fn encode_batch(base: u32, facts: usize, rows: &[Vec<FactValue>]) -> (BatchL
         facts,
         heap_bytes: element_slots * SLOT_BYTES + string_bytes,
     };
-    let rows_end = base as u64 + layout.rows_bytes() as u64;
-    let mut heap = Heap {
-        elements: Vec::with_capacity(element_slots * SLOT_BYTES),
-        elements_base: rows_end,
-        strings: Vec::with_capacity(string_bytes),
-        strings_base: rows_end + (element_slots * SLOT_BYTES) as u64,
+    (layout, element_slots)
+}
+
+/// Writes the batch of [`encode_batch`] (rows, then heap) into `buffer`, which the guest sees
+/// at address `base`, without allocating; returns its layout. The result area after
+/// `out_offset()` is not touched.
+///
+/// # Panics
+/// When a row does not hold `facts` values or `buffer` is shorter than the layout's
+/// `out_offset()`; hosts check widths first and size the buffer with [`batch_layout`].
+#[cfg(feature = "std")]
+pub fn encode_into(
+    buffer: &mut [u8],
+    base: u32,
+    facts: usize,
+    rows: &[Vec<FactValue>],
+) -> BatchLayout {
+    let (layout, element_slots) = layout_and_element_slots(facts, rows);
+    assert!(
+        buffer.len() >= layout.out_offset(),
+        "the buffer holds {} bytes; the batch needs {}",
+        buffer.len(),
+        layout.out_offset()
+    );
+    let rows_bytes = layout.rows_bytes();
+    let mut writer = BatchWriter {
+        buffer,
+        base: base.into(),
+        next_element: rows_bytes,
+        next_string: rows_bytes + element_slots * SLOT_BYTES,
     };
-    let mut bytes = Vec::with_capacity(layout.out_offset());
+    let mut slot_at = 0;
     for row in rows {
         assert_eq!(
             row.len(),
@@ -386,77 +425,90 @@ pub fn encode_batch(base: u32, facts: usize, rows: &[Vec<FactValue>]) -> (BatchL
             "every row holds one value per declared fact"
         );
         for value in row {
-            let slot = heap.slot_of(value);
-            bytes.extend_from_slice(&slot.to_bytes());
+            let slot = writer.slot_of(value);
+            writer.put_slot(slot_at, slot);
+            slot_at += SLOT_BYTES;
         }
     }
-    bytes.extend_from_slice(&heap.elements);
-    bytes.extend_from_slice(&heap.strings);
-    (layout, bytes)
+    layout
 }
 
-/// The heap of a batch being encoded.
+/// Writes a batch in place: row slots at the front, array element slots and string bytes
+/// appended to their heap regions (offsets into `buffer`, which lives at guest address `base`).
 #[cfg(feature = "std")]
-struct Heap {
-    elements: Vec<u8>,
-    elements_base: u64,
-    strings: Vec<u8>,
-    strings_base: u64,
+struct BatchWriter<'a> {
+    buffer: &'a mut [u8],
+    base: u64,
+    next_element: usize,
+    next_string: usize,
 }
 
 #[cfg(feature = "std")]
-impl Heap {
+impl BatchWriter<'_> {
+    fn put_slot(&mut self, at: usize, slot: Slot) {
+        self.buffer[at..at + SLOT_BYTES].copy_from_slice(&slot.to_bytes());
+    }
+
     fn string(&mut self, s: &str) -> Slot {
-        let address = self.strings_base + self.strings.len() as u64;
-        self.strings.extend_from_slice(s.as_bytes());
+        let at = self.next_string;
+        self.buffer[at..at + s.len()].copy_from_slice(s.as_bytes());
+        self.next_string += s.len();
         Slot {
             tag: tag::STRING,
             len: s.len() as u32,
-            payload: address,
+            payload: self.base + at as u64,
         }
     }
 
     fn slot_of(&mut self, value: &FactValue) -> Slot {
-        let bare = |tag: u32, payload: u64| Slot {
-            tag,
-            len: 0,
-            payload,
-        };
         match value {
-            FactValue::Missing => bare(tag::MISSING, 0),
-            FactValue::Null => bare(tag::NULL, 0),
-            FactValue::Bool(b) => bare(tag::BOOL, *b as u64),
-            FactValue::Number(n) => bare(tag::NUMBER, n.to_bits()),
+            FactValue::Missing => bare_slot(tag::MISSING, 0),
+            FactValue::Null => bare_slot(tag::NULL, 0),
+            FactValue::Bool(b) => bare_slot(tag::BOOL, *b as u64),
+            FactValue::Number(n) => bare_slot(tag::NUMBER, n.to_bits()),
             FactValue::String(s) => self.string(s),
             FactValue::Array(items) => {
-                let address = self.elements_base + self.elements.len() as u64;
-                for item in items {
+                // Reserve the element slots first: string elements go to the string region.
+                let first = self.next_element;
+                self.next_element += items.len() * SLOT_BYTES;
+                for (index, item) in items.iter().enumerate() {
                     let element = self.element_slot(item);
-                    self.elements.extend_from_slice(&element.to_bytes());
+                    self.put_slot(first + index * SLOT_BYTES, element);
                 }
                 Slot {
                     tag: tag::ARRAY,
                     len: items.len() as u32,
-                    payload: address,
+                    payload: self.base + first as u64,
                 }
             }
-            FactValue::Object => bare(tag::OBJECT, 0),
-            FactValue::Count(c) => bare(tag::COUNT, *c as u64),
-            FactValue::Timestamp(ms) => bare(tag::TIMESTAMP, *ms as u64),
+            FactValue::Object => bare_slot(tag::OBJECT, 0),
+            FactValue::Count(c) => bare_slot(tag::COUNT, *c as u64),
+            FactValue::Timestamp(ms) => bare_slot(tag::TIMESTAMP, *ms as u64),
         }
     }
 
-    /// An array element: scalars as at top level; nested containers keep only their tag.
+    /// An array element: scalars as at top level (read like [`FactValue::from_json`], without
+    /// cloning); nested containers keep only their tag.
     fn element_slot(&mut self, item: &serde_json::Value) -> Slot {
         use serde_json::Value;
         match item {
-            Value::Array(_) => Slot {
-                tag: tag::ARRAY,
-                len: 0,
-                payload: 0,
-            },
-            other => self.slot_of(&FactValue::from_json(Some(other))),
+            Value::Null => bare_slot(tag::NULL, 0),
+            Value::Bool(b) => bare_slot(tag::BOOL, *b as u64),
+            Value::Number(n) => bare_slot(tag::NUMBER, n.as_f64().unwrap_or(f64::NAN).to_bits()),
+            Value::String(s) => self.string(s),
+            Value::Array(_) => bare_slot(tag::ARRAY, 0),
+            Value::Object(_) => bare_slot(tag::OBJECT, 0),
         }
+    }
+}
+
+/// A slot with no heap part.
+#[cfg(feature = "std")]
+fn bare_slot(tag: u32, payload: u64) -> Slot {
+    Slot {
+        tag,
+        len: 0,
+        payload,
     }
 }
 
@@ -509,6 +561,22 @@ mod tests {
         assert_eq!(slot(32).tag, tag::NUMBER);
         assert_eq!(slot(48).tag, tag::ARRAY);
         assert_eq!(&bytes[64..65], b"x");
+    }
+
+    #[test]
+    fn encode_into_writes_the_same_bytes_in_place_and_leaves_the_results_alone() {
+        let rows = vec![
+            vec![
+                FactValue::Array(vec![serde_json::json!("é"), serde_json::json!(null)]),
+                FactValue::String("pro".into()),
+            ],
+            vec![FactValue::Missing, FactValue::String(String::new())],
+        ];
+        let (layout, expected) = encode_batch(4096, 2, &rows);
+        let mut buffer = vec![0xAA; layout.total_bytes()];
+        assert_eq!(encode_into(&mut buffer, 4096, 2, &rows), layout);
+        assert_eq!(&buffer[..layout.out_offset()], &expected[..]);
+        assert!(buffer[layout.out_offset()..].iter().all(|&byte| byte == 0xAA));
     }
 
     #[test]
