@@ -51,7 +51,8 @@ pub(crate) async fn reload_now(shared: &Arc<Shared>) -> Result<(), EngineError> 
     Ok(())
 }
 
-/// Watches the buckets directory and reloads after each burst of changes.
+/// Watches the buckets directory (and `plugins/` beside it) and reloads after each burst of
+/// changes.
 pub(crate) fn watch(
     shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
@@ -66,12 +67,22 @@ pub(crate) fn watch(
         path: shared.config.buckets_dir.clone(),
         source,
     })?;
-    watcher
-        .watch(&shared.config.buckets_dir, RecursiveMode::NonRecursive)
-        .map_err(|source| EngineError::Watch {
-            path: shared.config.buckets_dir.clone(),
-            source,
-        })?;
+    // Plugin modules live in `plugins/` beside `buckets/` (see `resolve_plugin_path`): a rebuilt
+    // module reloads its buckets like an edited bucket file does.
+    let plugins_dir = shared
+        .config
+        .buckets_dir
+        .parent()
+        .map(|root| root.join("plugins"))
+        .filter(|dir| dir.is_dir());
+    for dir in std::iter::once(&shared.config.buckets_dir).chain(plugins_dir.as_ref()) {
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .map_err(|source| EngineError::Watch {
+                path: dir.clone(),
+                source,
+            })?;
+    }
     Ok(async move {
         let _watcher = watcher;
         loop {
