@@ -2,14 +2,13 @@
 //! import events, and run the demo.
 
 mod demo;
+mod import;
+mod serve;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use membrane_engine::EngineConfig;
 use membrane_store::Store;
 
 #[derive(Parser)]
@@ -36,22 +35,6 @@ struct Database {
     database_url: String,
 }
 
-#[derive(clap::Args, Clone)]
-struct EngineArgs {
-    /// Directory of bucket files, watched for changes.
-    #[arg(long, default_value = "buckets")]
-    buckets: PathBuf,
-    /// How often time-based buckets are swept, in seconds.
-    #[arg(long, default_value_t = 60.0)]
-    sweep_interval: f64,
-    /// Address of the HTTP API (port 0 picks a free port; the address is printed).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// Accepted write keys for ingest, comma-separated. Without any, ingest is open.
-    #[arg(long, env = "MEMBRANE_WRITE_KEYS", value_delimiter = ',')]
-    write_key: Vec<String>,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Check bucket files (default: buckets/) and report every error with file:line:col.
@@ -70,7 +53,7 @@ enum Command {
         #[command(flatten)]
         db: Database,
         #[command(flatten)]
-        engine: EngineArgs,
+        engine: serve::EngineArgs,
         /// Also open the console in this terminal.
         #[arg(long)]
         console: bool,
@@ -141,7 +124,7 @@ async fn dispatch(command: Command) -> Result<std::process::ExitCode> {
             let store = connect(&db.database_url).await?;
             let logs = console.then(|| std::env::temp_dir().join("membrane.log"));
             init_logs(logs.as_deref());
-            serve(store, engine, console).await?;
+            serve::serve(store, engine, console).await?;
         }
         Command::Status { db, format } => {
             let store = Store::connect(&db.database_url)
@@ -158,7 +141,7 @@ async fn dispatch(command: Command) -> Result<std::process::ExitCode> {
         Command::Import { db, file, batch } => {
             init_logs(None);
             let store = connect(&db.database_url).await?;
-            import(&store, &file, batch).await?;
+            import::import(&store, &file, batch).await?;
         }
         Command::Demo { options } => demo::run(options).await?,
     }
@@ -300,80 +283,4 @@ async fn status(store: &Store, format: Format) -> Result<std::process::ExitCode>
     } else {
         std::process::ExitCode::SUCCESS
     })
-}
-
-/// Runs the engine and the HTTP API until Ctrl-C (or until the console quits).
-async fn serve(store: Store, args: EngineArgs, console: bool) -> Result<()> {
-    if !args.buckets.is_dir() {
-        bail!(
-            "bucket directory {} does not exist: pass --buckets DIR",
-            args.buckets.display()
-        );
-    }
-    let mut config = EngineConfig::new(args.buckets.clone());
-    config.sweep_interval = Duration::from_secs_f64(args.sweep_interval.max(0.05));
-    let engine = membrane_engine::start(store.clone(), config)
-        .await
-        .context("cannot start the engine")?;
-    if args.write_key.is_empty() {
-        tracing::warn!(
-            "no write keys configured (--write-key / MEMBRANE_WRITE_KEYS): ingest is open"
-        );
-    }
-    let api = membrane_http::router(
-        store.clone(),
-        membrane_http::ApiConfig {
-            write_keys: args.write_key.clone(),
-        },
-    );
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let address = listener.local_addr()?;
-    tracing::info!("listening on http://{address}");
-    if !console {
-        println!("listening on http://{address}");
-    }
-    let server = tokio::spawn(async move { axum::serve(listener, api).await });
-    if console {
-        membrane_console::run(store).await?;
-    } else {
-        tokio::signal::ctrl_c().await?;
-    }
-    server.abort();
-    engine.shutdown().await;
-    Ok(())
-}
-
-async fn import(store: &Store, file: &Path, batch: usize) -> Result<()> {
-    use std::io::BufRead;
-    let reader = std::io::BufReader::new(
-        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
-    );
-    let now = chrono::Utc::now();
-    let mut pending = Vec::with_capacity(batch);
-    let (mut applied, mut duplicates) = (0, 0);
-    for (index, line) in reader.lines().enumerate() {
-        let line = line.with_context(|| format!("cannot read {}", file.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let location = format!("{}:{}", file.display(), index + 1);
-        let value: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("{location}: not a JSON object"))?;
-        let message = membrane_http::parse_message(&value, None, "", now)
-            .map_err(|e| anyhow::anyhow!("{location}: field `{}`: {}", e.pointer, e.message))?;
-        pending.push(message);
-        if pending.len() >= batch.max(1) {
-            let outcome = store.ingest(&pending).await?;
-            applied += outcome.applied;
-            duplicates += outcome.duplicates;
-            pending.clear();
-        }
-    }
-    let outcome = store.ingest(&pending).await?;
-    applied += outcome.applied;
-    duplicates += outcome.duplicates;
-    println!("imported {applied} message(s), skipped {duplicates} duplicate(s)");
-    Ok(())
 }

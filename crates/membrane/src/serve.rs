@@ -1,0 +1,69 @@
+//! `membrane run`: the engine and the HTTP API in one process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use membrane_engine::EngineConfig;
+use membrane_store::Store;
+
+/// Options of `membrane run`.
+#[derive(clap::Args, Clone)]
+pub struct EngineArgs {
+    /// Directory of bucket files, watched for changes.
+    #[arg(long, default_value = "buckets")]
+    pub buckets: PathBuf,
+    /// How often time-based buckets are swept, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub sweep_interval: f64,
+    /// Address of the HTTP API (port 0 picks a free port; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Accepted write keys for ingest, comma-separated. Without any, ingest is open.
+    #[arg(long, env = "MEMBRANE_WRITE_KEYS", value_delimiter = ',')]
+    pub write_key: Vec<String>,
+}
+
+/// Runs the engine and the HTTP API until Ctrl-C (or until the console quits).
+pub async fn serve(store: Store, args: EngineArgs, console: bool) -> Result<()> {
+    if !args.buckets.is_dir() {
+        bail!(
+            "bucket directory {} does not exist: pass --buckets DIR",
+            args.buckets.display()
+        );
+    }
+    let mut config = EngineConfig::new(args.buckets.clone());
+    config.sweep_interval = Duration::from_secs_f64(args.sweep_interval.max(0.05));
+    let engine = membrane_engine::start(store.clone(), config)
+        .await
+        .context("cannot start the engine")?;
+    if args.write_key.is_empty() {
+        tracing::warn!(
+            "no write keys configured (--write-key / MEMBRANE_WRITE_KEYS): ingest is open"
+        );
+    }
+    let api = membrane_http::router(
+        store.clone(),
+        membrane_http::ApiConfig {
+            write_keys: args.write_key.clone(),
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    tracing::info!("listening on http://{address}");
+    if !console {
+        println!("listening on http://{address}");
+    }
+    let server = tokio::spawn(async move { axum::serve(listener, api).await });
+    if console {
+        membrane_console::run(store).await?;
+    } else {
+        tokio::signal::ctrl_c().await?;
+    }
+    server.abort();
+    engine.shutdown().await;
+    Ok(())
+}
