@@ -576,7 +576,9 @@ mod tests {
         let mut buffer = vec![0xAA; layout.total_bytes()];
         assert_eq!(encode_into(&mut buffer, 4096, 2, &rows), layout);
         assert_eq!(&buffer[..layout.out_offset()], &expected[..]);
-        assert!(buffer[layout.out_offset()..].iter().all(|&byte| byte == 0xAA));
+        assert!(buffer[layout.out_offset()..]
+            .iter()
+            .all(|&byte| byte == 0xAA));
     }
 
     #[test]

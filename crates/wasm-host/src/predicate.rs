@@ -1,8 +1,8 @@
 //! Running a loaded predicate over batches of users.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use membrane_abi::{encode_batch, heap_bytes, BatchLayout, FactManifest, FactValue, SLOT_BYTES};
+use membrane_abi::{encode_into, heap_bytes, BatchLayout, FactManifest, FactValue, SLOT_BYTES};
 use wasmtime::{InstancePre, Memory, Store, TypedFunc};
 
 use crate::error::EvalError;
@@ -16,14 +16,26 @@ const MAX_GUEST_MESSAGE_BYTES: usize = 1024;
 /// Most batch bytes (rows, strings, results) per call, further bounded by a quarter of the
 /// memory cap so the guest keeps room for its own data.
 const MAX_CHUNK_BYTES: usize = 8 << 20;
+/// Most idle instances a predicate keeps; enough for one per concurrent caller on a typical
+/// host, while bounding the guest memory kept resident.
+const MAX_IDLE_GUESTS: usize = 8;
 
 /// A checked, compiled predicate module. `Send + Sync`; share it behind an `Arc`.
 ///
-/// Every [`Predicate::evaluate`] call instantiates the module afresh from the pre-linked
-/// [`InstancePre`] in a new `Store`. Instantiating a module with no imports and one memory
-/// costs microseconds, negligible next to a batch of thousands of users, and it means no state
-/// (a corrupted heap, a half-finished call after a trap) ever carries from one call to the next
-/// or between concurrent callers, so no pool or locking is needed.
+/// Instances are pooled: an [`Predicate::evaluate`] call takes an idle instance (or creates
+/// one from the pre-linked [`InstancePre`], configured once with the predicate's fixed config)
+/// and puts it back when the whole call succeeded. Reuse matters because a fresh instance has
+/// fresh linear memory, and first-touching a megabyte of batch costs far more than the guest's
+/// work on it. Reuse is safe because:
+/// - each instance is used by one caller at a time (concurrent callers get their own);
+/// - an instance that failed in any way (trap, timeout, memory cap, error code, bad result) is
+///   dropped, never returned, so no half-finished state carries over;
+/// - the ABI makes calls independent: every batch is written into a fresh `membrane_alloc`
+///   buffer (compiled criteria reset their bump allocator there) and every result byte is
+///   zeroed by the host before the guest writes it; a plugin that keeps state across calls
+///   only ever sees its own predicate's data;
+/// - the sandbox still applies per call: the epoch deadline is set before every guest call,
+///   and the memory cap bounds the instance's memory over its whole life.
 pub struct Predicate {
     shared: Arc<Shared>,
     manifest: FactManifest,
@@ -31,6 +43,8 @@ pub struct Predicate {
     /// The config JSON handed to `membrane_configure` in every instance; `None` when the
     /// module does not export it.
     config: Option<Vec<u8>>,
+    /// Configured instances waiting for the next call.
+    idle: Mutex<Vec<Guest>>,
 }
 
 impl std::fmt::Debug for Predicate {
@@ -53,6 +67,7 @@ impl Predicate {
             manifest,
             instance_pre,
             config,
+            idle: Mutex::new(Vec::new()),
         }
     }
 
@@ -80,22 +95,51 @@ impl Predicate {
         if rows.is_empty() {
             return Ok(results);
         }
-        let mut guest = self.instantiate()?;
+        // On any error the guest is dropped with this frame instead of going back to the pool.
+        let mut guest = self.checkout()?;
         let byte_budget = MAX_CHUNK_BYTES.min(self.shared.limits.max_memory_bytes / 4);
         let mut rest = rows;
         while !rest.is_empty() {
-            let (chunk, tail) = rest.split_at(chunk_len(rest, facts, byte_budget));
-            guest.evaluate_chunk(chunk, facts, now_ms, results.len(), &mut results)?;
+            let chunk = next_chunk(rest, facts, byte_budget);
+            let (chunk_rows, tail) = rest.split_at(chunk.users);
+            guest.evaluate_chunk(chunk_rows, chunk, now_ms, results.len(), &mut results)?;
             rest = tail;
         }
+        self.check_in(guest);
         Ok(results)
     }
 
     /// The load-time trial run: instantiates (and configures) the module, then returns what
-    /// `membrane_abi_version` says.
+    /// `membrane_abi_version` says. The instance then waits in the pool for the first call.
     pub(crate) fn trial_run(&self) -> Result<i32, EvalError> {
         let mut guest = self.instantiate()?;
-        guest.call_version()
+        let version = guest.call_version()?;
+        self.check_in(guest);
+        Ok(version)
+    }
+
+    /// An idle instance, or a new one when all are busy.
+    fn checkout(&self) -> Result<Guest, EvalError> {
+        let idle = self
+            .idle
+            .lock()
+            // The lock only guards pushes and pops, which leave the Vec consistent even if a
+            // holder panicked.
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match idle {
+            Some(guest) => Ok(guest),
+            None => self.instantiate(),
+        }
+    }
+
+    /// Returns an instance whose every call succeeded to the pool (or drops it if the pool is
+    /// full).
+    fn check_in(&self, guest: Guest) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_GUESTS {
+            idle.push(guest);
+        }
     }
 
     fn instantiate(&self) -> Result<Guest, EvalError> {
@@ -163,27 +207,28 @@ fn optional_func<Params: wasmtime::WasmParams, Results: wasmtime::WasmResults>(
     }
 }
 
-/// How many leading rows of `rows` go into the next chunk (at least one).
-fn chunk_len(rows: &[Vec<FactValue>], facts: usize, byte_budget: usize) -> usize {
-    let mut bytes = 0usize;
-    let mut users = 0usize;
+/// The layout of the next chunk: as many leading rows of `rows` as fit the budgets (at least
+/// one).
+fn next_chunk(rows: &[Vec<FactValue>], facts: usize, byte_budget: usize) -> BatchLayout {
+    let mut chunk = BatchLayout {
+        users: 0,
+        facts,
+        heap_bytes: 0,
+    };
     for row in rows.iter().take(MAX_CHUNK_USERS) {
-        bytes += row_bytes(row, facts);
-        if users > 0 && bytes > byte_budget {
+        let row_heap = heap_bytes(row);
+        // Each row adds its slots, its heap (array elements, strings) and its result byte.
+        let grown_bytes = chunk.total_bytes() + facts * SLOT_BYTES + row_heap + 1;
+        if chunk.users > 0 && grown_bytes > byte_budget {
             break;
         }
-        users += 1;
+        chunk.users += 1;
+        chunk.heap_bytes += row_heap;
     }
-    users
+    chunk
 }
 
-/// A row's share of a batch buffer: its slots, its heap (array elements, strings) and its
-/// result byte.
-fn row_bytes(row: &[FactValue], facts: usize) -> usize {
-    facts * SLOT_BYTES + heap_bytes(row) + 1
-}
-
-/// One live instance of a predicate, for the duration of one `evaluate` call.
+/// One live, configured instance of a predicate, used by one `evaluate` call at a time.
 struct Guest {
     store: Store<GuestLimiter>,
     memory: Memory,
@@ -271,29 +316,28 @@ impl Guest {
 
     /// Evaluates one chunk, appending its results; `first_user` is the chunk's offset in the
     /// whole batch, for error messages.
+    /// `chunk` is the layout of `rows`.
     fn evaluate_chunk(
         &mut self,
-        chunk: &[Vec<FactValue>],
-        facts: usize,
+        rows: &[Vec<FactValue>],
+        chunk: BatchLayout,
         now_ms: i64,
         first_user: usize,
         results: &mut Vec<bool>,
     ) -> Result<(), EvalError> {
-        let total = BatchLayout {
-            users: chunk.len(),
-            facts,
-            heap_bytes: chunk.iter().map(|row| heap_bytes(row)).sum(),
-        }
-        .total_bytes();
+        let total = chunk.total_bytes();
         let users =
-            i32::try_from(chunk.len()).map_err(|_| EvalError::BatchTooLarge { bytes: total })?;
+            i32::try_from(chunk.users).map_err(|_| EvalError::BatchTooLarge { bytes: total })?;
         let base = self.alloc_buffer(total)?;
 
         // `alloc_buffer` checked that `base` fits in 32 bits and the whole batch in memory.
-        let (layout, bytes) = encode_batch(base as u32, facts, chunk);
-        let memory = self.memory.data_mut(&mut self.store);
-        memory[base..base + bytes.len()].copy_from_slice(&bytes);
-        let out = base + layout.out_offset();
+        let buffer = &mut self.memory.data_mut(&mut self.store)[base..base + total];
+        let (batch, out_bytes) = buffer.split_at_mut(chunk.out_offset());
+        encode_into(batch, base as u32, chunk.facts, rows);
+        // A reused buffer holds the previous call's results; a guest that skips a user must
+        // not pass them off as this call's.
+        out_bytes.fill(0);
+        let out = base + chunk.out_offset();
 
         self.store.set_epoch_deadline(self.shared.deadline_ticks);
         let code = self
@@ -312,19 +356,14 @@ impl Guest {
         }
 
         // The guest may have grown (never shrunk) memory, so the result range is still in bounds.
-        let memory = self.memory.data(&self.store);
-        for (index, byte) in memory[out..out + chunk.len()].iter().enumerate() {
-            match byte {
-                0 => results.push(false),
-                1 => results.push(true),
-                &byte => {
-                    return Err(EvalError::BadResultByte {
-                        user: first_user + index,
-                        byte,
-                    })
-                }
-            }
+        let out_bytes = &self.memory.data(&self.store)[out..out + chunk.users];
+        if let Some((index, &byte)) = out_bytes.iter().enumerate().find(|(_, &byte)| byte > 1) {
+            return Err(EvalError::BadResultByte {
+                user: first_user + index,
+                byte,
+            });
         }
+        results.extend(out_bytes.iter().map(|&byte| byte == 1));
         Ok(())
     }
 
