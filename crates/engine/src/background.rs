@@ -27,7 +27,7 @@ fn count(shared: &Shared, outcome: &Outcome) {
     stats
         .evaluations
         .fetch_add(outcome.evaluated, Ordering::Relaxed);
-    let transitions = outcome.joined.transitions + outcome.left.transitions;
+    let transitions = outcome.joined.transitions + outcome.left.transitions + outcome.dwell;
     stats
         .transitions
         .fetch_add(transitions as u64, Ordering::Relaxed);
@@ -99,8 +99,11 @@ async fn realtime_round(shared: &Shared) -> Result<usize, EngineError> {
     }
     let now = Utc::now();
     for (bucket_id, users) in users_by_bucket {
-        let enabled = switches.get(bucket_id).is_none_or(|s| s.enabled);
-        let Some(bucket) = registry.buckets.get(bucket_id).filter(|_| enabled) else {
+        let Some(bucket) = registry
+            .buckets
+            .get(bucket_id)
+            .filter(|b| b.enabled(&switches))
+        else {
             continue;
         };
         evaluate_serving(shared, &mut round, bucket.clone(), &users, now, |b| {
@@ -187,8 +190,8 @@ async fn quarantine(
     Ok(shared.registry.load().buckets.get(id).cloned())
 }
 
-/// Re-checks every enabled time-based bucket's members on an interval: the clock can take a
-/// member out with no event arriving.
+/// Re-checks the members of every enabled bucket that moves with the clock, on an interval: a
+/// window edge, `min_dwell`, `max_dwell` and dwell marks all come due with no event arriving.
 pub(crate) async fn sweeps(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
     loop {
         if pause(&mut stopped, shared.config.sweep_interval).await {
@@ -203,8 +206,7 @@ pub(crate) async fn sweeps(shared: Arc<Shared>, mut stopped: watch::Receiver<boo
             }
         };
         for bucket in registry.buckets.values() {
-            let enabled = switches.get(bucket.id()).is_none_or(|s| s.enabled);
-            if !bucket.time_based || !enabled {
+            if !bucket.moves_with_the_clock() || !bucket.enabled(&switches) {
                 continue;
             }
             if let Err(error) = sweep_bucket(&shared, bucket).await {
@@ -265,7 +267,9 @@ pub(crate) async fn backfills(shared: Arc<Shared>, mut stopped: watch::Receiver<
                     let Some(switch) = switches.get(bucket.id()) else {
                         continue;
                     };
-                    if !switch.enabled || switch.backfilled_hash.as_deref() == Some(&bucket.hash) {
+                    if !bucket.enabled(&switches)
+                        || switch.backfilled_hash.as_deref() == Some(&bucket.hash)
+                    {
                         continue;
                     }
                     let first_version = switch.backfilled_hash.is_none();

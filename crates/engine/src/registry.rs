@@ -8,7 +8,7 @@ use std::sync::Arc;
 use membrane_abi::Fact;
 use membrane_criteria::bucket::{self, BucketBody, BucketDef, EntryLimit, OnChange};
 use membrane_criteria::compile;
-use membrane_store::{BucketVersion, EntryRule, QueuedUser};
+use membrane_store::{BucketSwitch, BucketVersion, EntryRule, QueuedUser};
 use membrane_wasm::Predicate;
 use sha2::{Digest, Sha256};
 
@@ -47,6 +47,21 @@ impl LoadedBucket {
                 EntryRule::OncePerPeriod(period_secs as i64)
             }
         }
+    }
+
+    /// Serving and switched on, by its file and by the operator.
+    pub fn enabled(&self, switches: &HashMap<String, BucketSwitch>) -> bool {
+        self.def.enabled && switches.get(self.id()).is_none_or(|s| s.enabled)
+    }
+
+    /// Membership or transitions can change with no event: windows, `now()`, dwell rules.
+    pub fn moves_with_the_clock(&self) -> bool {
+        let def = &self.def;
+        self.time_based
+            || def.min_dwell_secs.is_some()
+            || def.max_dwell_secs.is_some()
+            || !def.dwell.is_empty()
+            || def.dwell_every_secs.is_some()
     }
 
     /// Whether the user's unprocessed change touches a fact this bucket reads.

@@ -12,7 +12,7 @@ pub mod testing;
 
 pub use buckets::{BucketSwitch, BucketVersion, SweepRun};
 pub use ingest::{IngestOutcome, Message, QUEUE_CHANNEL};
-pub use membership::{ActiveMember, Applied, EntryRule, Source, TRANSITIONS_CHANNEL};
+pub use membership::{ActiveMember, Applied, DwellDue, EntryRule, Source, TRANSITIONS_CHANNEL};
 pub use reads::TransitionRow;
 pub use round::{QueuedUser, Round};
 

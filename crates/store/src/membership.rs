@@ -53,6 +53,16 @@ pub struct ActiveMember {
     pub entered_at: DateTime<Utc>,
 }
 
+/// A `dwell` transition that has come due: `label` is the `dwell` duration as written (`1d`)
+/// or `every:<n>`; `at` is its exact instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DwellDue {
+    pub user_id: String,
+    pub epoch: i32,
+    pub label: String,
+    pub at: DateTime<Utc>,
+}
+
 /// Rows changed and transitions written by one join or leave statement.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -201,6 +211,53 @@ impl Round {
         self.account(bucket_id, -applied.memberships, applied)
             .await?;
         Ok(applied)
+    }
+
+    /// Writes the `dwell` transitions in `due`, each only while its membership is still active
+    /// in that epoch; a mark written before is skipped by its key. Returns how many were new.
+    pub async fn dwell(
+        &mut self,
+        bucket_id: &str,
+        due: &[DwellDue],
+        source: Source,
+    ) -> Result<i64> {
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let users: Vec<&str> = due.iter().map(|d| d.user_id.as_str()).collect();
+        let epochs: Vec<i32> = due.iter().map(|d| d.epoch).collect();
+        let labels: Vec<&str> = due.iter().map(|d| d.label.as_str()).collect();
+        let instants: Vec<DateTime<Utc>> = due.iter().map(|d| d.at).collect();
+        let written: i64 = sqlx::query_scalar(
+            "WITH emitted AS ( \
+                 INSERT INTO transitions (key, bucket_id, user_id, kind, epoch, label, source, reason, occurred_at) \
+                 SELECT 'bucket:' || $1 || ':' || d.user_id || ':dwell:' || d.epoch || ':' || d.label, \
+                        $1, d.user_id, 'dwell', d.epoch, d.label, $2, 'dwell', d.at \
+                 FROM unnest($3::text[], $4::int[], $5::text[], $6::timestamptz[]) AS d(user_id, epoch, label, at) \
+                 JOIN memberships m ON m.bucket_id = $1 AND m.user_id = d.user_id \
+                      AND m.epoch = d.epoch AND m.status = 'active' \
+                 ON CONFLICT (key) DO NOTHING \
+                 RETURNING 1) \
+             SELECT count(*) FROM emitted",
+        )
+        .bind(bucket_id)
+        .bind(source.as_str())
+        .bind(&users)
+        .bind(&epochs)
+        .bind(&labels)
+        .bind(&instants)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        self.account(
+            bucket_id,
+            0,
+            Applied {
+                memberships: 0,
+                transitions: written,
+            },
+        )
+        .await?;
+        Ok(written)
     }
 
     /// Keeps `buckets.member_count` exact in the same transaction, and wakes listeners on commit.
