@@ -230,3 +230,55 @@ impl Store {
         Ok(outcome)
     }
 }
+
+impl Store {
+    /// Erases a user: every active membership is closed with a `left` transition (source
+    /// `operator`, reason `erased`) and the user's events, properties and pending changes are
+    /// deleted, in one transaction. Returns how many memberships were closed.
+    pub async fn erase_user(&self, user_id: &str) -> Result<i64> {
+        let mut tx = self.pool().begin().await?;
+        // Waits for any round evaluating this user, and holds later ones off until we commit.
+        sqlx::query("SELECT 1 FROM contacts WHERE user_id = $1 FOR UPDATE")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        let closed: i64 = sqlx::query_scalar(
+            "WITH closed AS ( \
+                 UPDATE memberships SET status = 'left', left_at = now() \
+                 WHERE user_id = $1 AND status = 'active' \
+                 RETURNING bucket_id, epoch), \
+             emitted AS ( \
+                 INSERT INTO transitions (key, bucket_id, user_id, kind, epoch, source, reason, occurred_at) \
+                 SELECT 'bucket:' || bucket_id || ':' || $1 || ':left:' || epoch, \
+                        bucket_id, $1, 'left', epoch, 'operator', 'erased', now() \
+                 FROM closed \
+                 ON CONFLICT (key) DO NOTHING), \
+             counted AS ( \
+                 UPDATE buckets b SET member_count = b.member_count - c.closed \
+                 FROM (SELECT bucket_id, count(*) AS closed FROM closed GROUP BY bucket_id) c \
+                 WHERE b.id = c.bucket_id) \
+             SELECT count(*) FROM closed",
+        )
+        .bind(user_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if closed > 0 {
+            sqlx::query("SELECT pg_notify($1, 'erased')")
+                .bind(crate::TRANSITIONS_CHANNEL)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for statement in [
+            "DELETE FROM events WHERE user_id = $1",
+            "DELETE FROM eval_queue WHERE user_id = $1",
+            "DELETE FROM contacts WHERE user_id = $1",
+        ] {
+            sqlx::query(statement)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(closed)
+    }
+}

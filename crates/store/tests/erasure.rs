@@ -1,0 +1,74 @@
+//! Erasing a contact closes its memberships with `left` (reason `erased`) and removes its
+//! events, properties and pending changes.
+
+use chrono::Utc;
+use membrane_store::testing::fresh_database;
+use membrane_store::{EntryRule, Message, Source};
+
+#[tokio::test]
+async fn erasure_closes_memberships_and_removes_the_users_data() {
+    let db = fresh_database().await.unwrap();
+    let store = &db.store;
+    let traits = serde_json::json!({"tier": "gold"})
+        .as_object()
+        .cloned()
+        .unwrap();
+    store
+        .ingest(&[
+            Message::Identify {
+                message_id: None,
+                user_id: "ana".into(),
+                traits,
+            },
+            Message::Track {
+                message_id: None,
+                user_id: "ana".into(),
+                event: "ping".into(),
+                occurred_at: Utc::now(),
+                properties: Default::default(),
+            },
+        ])
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO buckets (id, source_path, definition, criteria_hash) VALUES ('vip', 'x', 'x', 'h')")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let mut round = store.begin_round().await.unwrap();
+    round
+        .join(
+            "vip",
+            &["ana".to_owned()],
+            EntryRule::Unlimited,
+            Source::Event,
+            "criteria",
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    round.commit().await.unwrap();
+    assert_eq!(store.member_count("vip").await.unwrap(), Some(1));
+
+    assert_eq!(store.erase_user("ana").await.unwrap(), 1);
+
+    assert_eq!(store.member_count("vip").await.unwrap(), Some(0));
+    assert!(!store.is_member("vip", "ana").await.unwrap());
+    let transitions = store.transitions_after(0, 10).await.unwrap();
+    let left = transitions.iter().find(|t| t.kind == "left").unwrap();
+    assert_eq!(left.key, "bucket:vip:ana:left:1");
+    assert_eq!(
+        (left.source.as_str(), left.reason.as_str()),
+        ("operator", "erased")
+    );
+    for table in ["events", "contacts", "eval_queue"] {
+        let remaining: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {table} WHERE user_id = 'ana'"
+        ))
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(remaining, 0, "{table} still holds ana");
+    }
+    // Erasing again is harmless.
+    assert_eq!(store.erase_user("ana").await.unwrap(), 0);
+}
