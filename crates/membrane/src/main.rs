@@ -148,17 +148,26 @@ async fn dispatch(command: Command) -> Result<std::process::ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Logs go to stderr (or `file`, while a console owns the terminal), filtered by `RUST_LOG`,
+/// as human-readable lines or, with `MEMBRANE_LOG_FORMAT=json`, one JSON object per line.
 fn init_logs(file: Option<&Path>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let opened = file.and_then(|path| std::fs::File::create(path).ok());
-    match opened {
-        Some(log) => builder
-            .with_ansi(false)
-            .with_writer(std::sync::Mutex::new(log))
-            .init(),
-        None => builder.with_writer(std::io::stderr).init(),
+    let json = std::env::var("MEMBRANE_LOG_FORMAT").is_ok_and(|format| format == "json");
+    let writer = match file.and_then(|path| std::fs::File::create(path).ok()) {
+        Some(log) => {
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(log))
+        }
+        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(file.is_none())
+        .with_writer(writer);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }
 
