@@ -23,6 +23,9 @@ pub struct EngineArgs {
     /// Accepted write keys for ingest, comma-separated. Without any, ingest is open.
     #[arg(long, env = "MEMBRANE_WRITE_KEYS", value_delimiter = ',')]
     pub write_key: Vec<String>,
+    /// Accepted read tokens for the read endpoints, comma-separated. Without any, reads are open.
+    #[arg(long, env = "MEMBRANE_READ_TOKENS", value_delimiter = ',')]
+    pub read_token: Vec<String>,
 }
 
 /// Runs the engine and the HTTP API until Ctrl-C (or until the console quits).
@@ -43,10 +46,16 @@ pub async fn serve(store: Store, args: EngineArgs, console: bool) -> Result<()> 
             "no write keys configured (--write-key / MEMBRANE_WRITE_KEYS): ingest is open"
         );
     }
+    if args.read_token.is_empty() {
+        tracing::warn!(
+            "no read tokens configured (--read-token / MEMBRANE_READ_TOKENS): reads are open"
+        );
+    }
     let api = membrane_http::router(
         store.clone(),
         membrane_http::ApiConfig {
             write_keys: args.write_key.clone(),
+            read_tokens: args.read_token.clone(),
         },
     );
     let listener = tokio::net::TcpListener::bind(args.listen)
