@@ -2,7 +2,6 @@
 //! logged and retried rather than ending the task: Postgres rolls the round back.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::evaluate::{evaluate_batch, Outcome, Recording};
 use crate::registry::LoadedBucket;
-use crate::{EngineError, Shared};
+use crate::{EngineError, Shared, TransitionKind};
 
 /// Waits up to `period` or until stopped; returns true when stopped.
 async fn pause(stopped: &mut watch::Receiver<bool>, period: Duration) -> bool {
@@ -24,17 +23,24 @@ async fn pause(stopped: &mut watch::Receiver<bool>, period: Duration) -> bool {
 
 fn count(shared: &Shared, outcome: &Outcome) {
     let stats = &shared.stats;
-    stats
-        .evaluations
-        .fetch_add(outcome.evaluated, Ordering::Relaxed);
-    let transitions = outcome.joined.transitions + outcome.left.transitions + outcome.dwell;
-    stats
-        .transitions
-        .fetch_add(transitions as u64, Ordering::Relaxed);
+    stats.evaluations.inc_by(outcome.evaluated);
+    if let Some(wasm) = outcome.wasm {
+        stats.wasm_seconds.observe(wasm.as_secs_f64());
+    }
+    for (kind, written) in [
+        ("entered", outcome.joined.transitions),
+        ("left", outcome.left.transitions),
+        ("dwell", outcome.dwell),
+    ] {
+        stats
+            .transitions
+            .get_or_create(&TransitionKind { kind })
+            .inc_by(written as u64);
+    }
 }
 
 fn report(shared: &Shared, task: &str, error: &EngineError) {
-    shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+    shared.stats.errors.inc();
     tracing::error!(task, "{error}");
 }
 
@@ -112,7 +118,7 @@ async fn realtime_round(shared: &Shared) -> Result<usize, EngineError> {
         .await?;
     }
     round.commit().await?;
-    shared.stats.rounds.fetch_add(1, Ordering::Relaxed);
+    shared.stats.rounds.inc();
     Ok(queued.len())
 }
 
@@ -168,7 +174,7 @@ async fn quarantine(
             }
         );
         tracing::error!(bucket = %id, "{message}");
-        shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+        shared.stats.errors.inc();
         let next = current.without_faulted(bucket, &message);
         if let Some(fallback) = next.buckets.get(id) {
             shared
@@ -239,7 +245,7 @@ async fn sweep_bucket(shared: &Shared, bucket: &Arc<LoadedBucket>) -> Result<(),
         total.joined.memberships += outcome.joined.memberships;
         total.left.memberships += outcome.left.memberships;
     }
-    shared.stats.sweeps.fetch_add(1, Ordering::Relaxed);
+    shared.stats.sweeps.inc();
     shared
         .store
         .record_sweep(&SweepRun {

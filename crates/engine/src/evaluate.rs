@@ -16,6 +16,8 @@ pub struct Outcome {
     pub left: Applied,
     /// `dwell` transitions written.
     pub dwell: i64,
+    /// Time inside the predicate call, when one was made.
+    pub wasm: Option<std::time::Duration>,
 }
 
 /// How the joins and leaves of an evaluation are recorded.
@@ -50,12 +52,14 @@ pub async fn evaluate_batch(
         return Ok(Outcome::default());
     }
     let facts = round.gather_facts(users, &bucket.facts, now).await?;
+    let started = std::time::Instant::now();
     let verdicts =
         tokio::task::block_in_place(|| bucket.predicate.evaluate(&facts, now.timestamp_millis()))
             .map_err(|source| EngineError::Predicate {
             bucket: bucket.id().to_owned(),
             source,
         })?;
+    let wasm = started.elapsed();
     let active = round.active_members(bucket.id(), users).await?;
     let rules = DwellRules::of(bucket);
     let mut joins = Vec::new();
@@ -108,6 +112,7 @@ pub async fn evaluate_batch(
         joined,
         left,
         dwell,
+        wasm: Some(wasm),
     })
 }
 

@@ -6,14 +6,18 @@ mod background;
 pub mod evaluate;
 pub mod registry;
 mod reload;
+pub mod webhooks;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use membrane_store::Store;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -52,6 +56,7 @@ pub struct EngineConfig {
     /// Poll interval of the queue when no notification arrives.
     pub poll_interval: Duration,
     pub wasm_limits: membrane_wasm::Limits,
+    pub webhooks: webhooks::WebhookConfig,
 }
 
 impl EngineConfig {
@@ -64,6 +69,7 @@ impl EngineConfig {
             page_size: 2_000,
             poll_interval: Duration::from_millis(250),
             wasm_limits: membrane_wasm::Limits::default(),
+            webhooks: webhooks::WebhookConfig::default(),
         }
     }
 }
@@ -76,28 +82,96 @@ fn rand_suffix() -> String {
     format!("{nanos:08x}")
 }
 
-/// Counters published in heartbeats.
-#[derive(Debug, Default)]
+/// The engine's counters: published in heartbeats (for the console) and as Prometheus metrics.
+/// Cloning shares the underlying values.
+#[derive(Debug, Clone)]
 pub struct Stats {
-    pub rounds: AtomicU64,
-    pub evaluations: AtomicU64,
-    pub transitions: AtomicU64,
-    pub sweeps: AtomicU64,
-    pub reloads: AtomicU64,
-    pub errors: AtomicU64,
+    pub rounds: Counter,
+    pub evaluations: Counter,
+    pub transitions: Family<TransitionKind, Counter>,
+    pub sweeps: Counter,
+    pub reloads: Counter,
+    pub errors: Counter,
+    /// Seconds spent inside predicate calls (one observation per bucket batch).
+    pub wasm_seconds: Histogram,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionKind {
+    pub kind: &'static str,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            rounds: Counter::default(),
+            evaluations: Counter::default(),
+            transitions: Family::default(),
+            sweeps: Counter::default(),
+            reloads: Counter::default(),
+            errors: Counter::default(),
+            // 10 µs .. ~1.3 s
+            wasm_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 9)),
+        }
+    }
 }
 
 impl Stats {
+    fn transitions_of(&self, kind: &'static str) -> u64 {
+        self.transitions
+            .get_or_create(&TransitionKind { kind })
+            .get()
+    }
+
     fn to_json(&self) -> serde_json::Value {
-        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         serde_json::json!({
-            "rounds": read(&self.rounds),
-            "evaluations": read(&self.evaluations),
-            "transitions": read(&self.transitions),
-            "sweeps": read(&self.sweeps),
-            "reloads": read(&self.reloads),
-            "errors": read(&self.errors),
+            "rounds": self.rounds.get(),
+            "evaluations": self.evaluations.get(),
+            "transitions": self.transitions_of("entered") + self.transitions_of("left") + self.transitions_of("dwell"),
+            "sweeps": self.sweeps.get(),
+            "reloads": self.reloads.get(),
+            "errors": self.errors.get(),
         })
+    }
+
+    /// Registers every counter under `membrane_*` names.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "membrane_rounds",
+            "Real-time evaluation rounds committed",
+            self.rounds.clone(),
+        );
+        registry.register(
+            "membrane_evaluations",
+            "User evaluations against a bucket",
+            self.evaluations.clone(),
+        );
+        registry.register(
+            "membrane_transitions",
+            "Transitions written, by kind",
+            self.transitions.clone(),
+        );
+        registry.register(
+            "membrane_sweeps",
+            "Bucket sweeps completed",
+            self.sweeps.clone(),
+        );
+        registry.register(
+            "membrane_reloads",
+            "Bucket directory reloads",
+            self.reloads.clone(),
+        );
+        registry.register(
+            "membrane_errors",
+            "Failed rounds, sweeps, backfills and faulted predicates",
+            self.errors.clone(),
+        );
+        registry.register_with_unit(
+            "membrane_wasm_call",
+            "Time inside predicate calls, per bucket batch",
+            prometheus_client::registry::Unit::Seconds,
+            self.wasm_seconds.clone(),
+        );
     }
 }
 
@@ -153,6 +227,7 @@ pub async fn start(store: Store, config: EngineConfig) -> Result<EngineHandle, E
     tasks.spawn(background::realtime(shared.clone(), stopped.clone()));
     tasks.spawn(background::sweeps(shared.clone(), stopped.clone()));
     tasks.spawn(background::backfills(shared.clone(), stopped.clone()));
+    tasks.spawn(webhooks::deliver(shared.clone(), stopped.clone()));
     tasks.spawn(background::heartbeats(shared.clone(), stopped));
     Ok(EngineHandle {
         shared,

@@ -3,7 +3,6 @@
 //! version they started with.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,7 +45,7 @@ pub(crate) async fn reload_now(shared: &Arc<Shared>) -> Result<(), EngineError> 
         tracing::info!(bucket = %bucket.id(), hash = %bucket.hash, "bucket version serving");
     }
     shared.registry.store(Arc::new(reload.registry));
-    shared.stats.reloads.fetch_add(1, Ordering::Relaxed);
+    shared.stats.reloads.inc();
     shared.backfill_due.notify_one();
     Ok(())
 }
@@ -94,7 +93,7 @@ pub(crate) fn watch(
             tokio::time::sleep(Duration::from_millis(100)).await;
             while changes.try_recv().is_ok() {}
             if let Err(error) = reload_now(&shared).await {
-                shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+                shared.stats.errors.inc();
                 tracing::error!("reload failed: {error}");
             }
         }
