@@ -331,30 +331,54 @@ impl BatchLayout {
 /// Hosts size their `membrane_alloc` request with it.
 #[cfg(feature = "std")]
 pub fn heap_bytes(row: &[FactValue]) -> usize {
-    let (element_slots, string_bytes) = heap_parts(row);
-    element_slots * SLOT_BYTES + string_bytes
+    HeapSize::of_row(row).bytes()
 }
 
-/// The element slots and string bytes a row puts on the heap.
+/// What rows put on a batch's heap: array element slots first, then string bytes.
 #[cfg(feature = "std")]
-fn heap_parts(row: &[FactValue]) -> (usize, usize) {
-    let mut element_slots = 0usize;
-    let mut string_bytes = 0usize;
-    for value in row {
-        match value {
-            FactValue::String(s) => string_bytes += s.len(),
-            FactValue::Array(items) => {
-                element_slots += items.len();
-                string_bytes += items
-                    .iter()
-                    .filter_map(serde_json::Value::as_str)
-                    .map(str::len)
-                    .sum::<usize>();
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeapSize {
+    pub element_slots: usize,
+    pub string_bytes: usize,
+}
+
+#[cfg(feature = "std")]
+impl HeapSize {
+    pub fn of_row(row: &[FactValue]) -> Self {
+        let mut size = HeapSize::default();
+        for value in row {
+            match value {
+                FactValue::String(s) => size.string_bytes += s.len(),
+                FactValue::Array(items) => {
+                    size.element_slots += items.len();
+                    size.string_bytes += items
+                        .iter()
+                        .filter_map(serde_json::Value::as_str)
+                        .map(str::len)
+                        .sum::<usize>();
+                }
+                _ => {}
             }
-            _ => {}
+        }
+        size
+    }
+
+    pub fn of_rows(rows: &[Vec<FactValue>]) -> Self {
+        rows.iter().fold(HeapSize::default(), |total, row| {
+            total.plus(HeapSize::of_row(row))
+        })
+    }
+
+    pub fn plus(self, other: HeapSize) -> Self {
+        HeapSize {
+            element_slots: self.element_slots + other.element_slots,
+            string_bytes: self.string_bytes + other.string_bytes,
         }
     }
-    (element_slots, string_bytes)
+
+    pub fn bytes(self) -> usize {
+        self.element_slots * SLOT_BYTES + self.string_bytes
+    }
 }
 
 /// Lays out `rows` (each `facts` values long) at guest address `base`; returns the layout and
@@ -363,47 +387,33 @@ fn heap_parts(row: &[FactValue]) -> (usize, usize) {
 /// Hosts that can write straight into guest memory use [`encode_into`] and skip this copy.
 #[cfg(feature = "std")]
 pub fn encode_batch(base: u32, facts: usize, rows: &[Vec<FactValue>]) -> (BatchLayout, Vec<u8>) {
-    let mut bytes = vec![0u8; batch_layout(facts, rows).out_offset()];
-    let layout = encode_into(&mut bytes, base, facts, rows);
+    let heap = HeapSize::of_rows(rows);
+    let mut bytes = vec![0u8; facts * rows.len() * SLOT_BYTES + heap.bytes()];
+    let layout = encode_into(&mut bytes, base, facts, rows, heap);
     (layout, bytes)
 }
 
-/// The sizes of the batch [`encode_batch`] or [`encode_into`] would lay out for `rows`.
-#[cfg(feature = "std")]
-pub fn batch_layout(facts: usize, rows: &[Vec<FactValue>]) -> BatchLayout {
-    layout_and_element_slots(facts, rows).0
-}
-
-/// The batch layout and how many array element slots open its heap.
-#[cfg(feature = "std")]
-fn layout_and_element_slots(facts: usize, rows: &[Vec<FactValue>]) -> (BatchLayout, usize) {
-    let (element_slots, string_bytes) = rows
-        .iter()
-        .map(|row| heap_parts(row))
-        .fold((0, 0), |(slots, bytes), (s, b)| (slots + s, bytes + b));
-    let layout = BatchLayout {
-        users: rows.len(),
-        facts,
-        heap_bytes: element_slots * SLOT_BYTES + string_bytes,
-    };
-    (layout, element_slots)
-}
-
 /// Writes the batch of [`encode_batch`] (rows, then heap) into `buffer`, which the guest sees
-/// at address `base`, without allocating; returns its layout. The result area after
-/// `out_offset()` is not touched.
+/// at address `base`, without allocating; returns its layout. `heap` must be
+/// `HeapSize::of_rows(rows)`, which hosts already computed to size the buffer. The result area
+/// after `out_offset()` is not touched.
 ///
 /// # Panics
 /// When a row does not hold `facts` values or `buffer` is shorter than the layout's
-/// `out_offset()`; hosts check widths first and size the buffer with [`batch_layout`].
+/// `out_offset()`.
 #[cfg(feature = "std")]
 pub fn encode_into(
     buffer: &mut [u8],
     base: u32,
     facts: usize,
     rows: &[Vec<FactValue>],
+    heap: HeapSize,
 ) -> BatchLayout {
-    let (layout, element_slots) = layout_and_element_slots(facts, rows);
+    let layout = BatchLayout {
+        users: rows.len(),
+        facts,
+        heap_bytes: heap.bytes(),
+    };
     assert!(
         buffer.len() >= layout.out_offset(),
         "the buffer holds {} bytes; the batch needs {}",
@@ -411,52 +421,48 @@ pub fn encode_into(
         layout.out_offset()
     );
     let rows_bytes = layout.rows_bytes();
-    let mut writer = BatchWriter {
-        buffer,
-        base: base.into(),
-        next_element: rows_bytes,
-        next_string: rows_bytes + element_slots * SLOT_BYTES,
+    let (slots, heap_area) = buffer[..layout.out_offset()].split_at_mut(rows_bytes);
+    let mut writer = HeapWriter {
+        heap: heap_area,
+        heap_base: u64::from(base) + rows_bytes as u64,
+        next_element: 0,
+        next_string: heap.element_slots * SLOT_BYTES,
     };
-    let mut slot_at = 0;
+    // `chunks_exact_mut` (rather than indexing) lets the slot writes go without bounds checks.
+    let mut slots = slots.chunks_exact_mut(SLOT_BYTES);
     for row in rows {
         assert_eq!(
             row.len(),
             facts,
             "every row holds one value per declared fact"
         );
-        for value in row {
-            let slot = writer.slot_of(value);
-            writer.put_slot(slot_at, slot);
-            slot_at += SLOT_BYTES;
+        for (value, slot) in row.iter().zip(&mut slots) {
+            slot.copy_from_slice(&writer.slot_of(value).to_bytes());
         }
     }
     layout
 }
 
-/// Writes a batch in place: row slots at the front, array element slots and string bytes
-/// appended to their heap regions (offsets into `buffer`, which lives at guest address `base`).
+/// Appends array element slots and string bytes to a batch's heap, which lives at guest
+/// address `heap_base`; `next_element` and `next_string` are offsets into `heap`.
 #[cfg(feature = "std")]
-struct BatchWriter<'a> {
-    buffer: &'a mut [u8],
-    base: u64,
+struct HeapWriter<'a> {
+    heap: &'a mut [u8],
+    heap_base: u64,
     next_element: usize,
     next_string: usize,
 }
 
 #[cfg(feature = "std")]
-impl BatchWriter<'_> {
-    fn put_slot(&mut self, at: usize, slot: Slot) {
-        self.buffer[at..at + SLOT_BYTES].copy_from_slice(&slot.to_bytes());
-    }
-
+impl HeapWriter<'_> {
     fn string(&mut self, s: &str) -> Slot {
         let at = self.next_string;
-        self.buffer[at..at + s.len()].copy_from_slice(s.as_bytes());
+        self.heap[at..at + s.len()].copy_from_slice(s.as_bytes());
         self.next_string += s.len();
         Slot {
             tag: tag::STRING,
             len: s.len() as u32,
-            payload: self.base + at as u64,
+            payload: self.heap_base + at as u64,
         }
     }
 
@@ -472,13 +478,14 @@ impl BatchWriter<'_> {
                 let first = self.next_element;
                 self.next_element += items.len() * SLOT_BYTES;
                 for (index, item) in items.iter().enumerate() {
-                    let element = self.element_slot(item);
-                    self.put_slot(first + index * SLOT_BYTES, element);
+                    let element = self.element_slot(item).to_bytes();
+                    let at = first + index * SLOT_BYTES;
+                    self.heap[at..at + SLOT_BYTES].copy_from_slice(&element);
                 }
                 Slot {
                     tag: tag::ARRAY,
                     len: items.len() as u32,
-                    payload: self.base + first as u64,
+                    payload: self.heap_base + first as u64,
                 }
             }
             FactValue::Object => bare_slot(tag::OBJECT, 0),
@@ -574,7 +581,8 @@ mod tests {
         ];
         let (layout, expected) = encode_batch(4096, 2, &rows);
         let mut buffer = vec![0xAA; layout.total_bytes()];
-        assert_eq!(encode_into(&mut buffer, 4096, 2, &rows), layout);
+        let heap = HeapSize::of_rows(&rows);
+        assert_eq!(encode_into(&mut buffer, 4096, 2, &rows, heap), layout);
         assert_eq!(&buffer[..layout.out_offset()], &expected[..]);
         assert!(buffer[layout.out_offset()..]
             .iter()

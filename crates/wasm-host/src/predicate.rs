@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use membrane_abi::{encode_into, heap_bytes, BatchLayout, FactManifest, FactValue, SLOT_BYTES};
+use membrane_abi::{encode_into, BatchLayout, FactManifest, FactValue, HeapSize, SLOT_BYTES};
 use wasmtime::{InstancePre, Memory, Store, TypedFunc};
 
 use crate::error::EvalError;
@@ -100,9 +100,9 @@ impl Predicate {
         let byte_budget = MAX_CHUNK_BYTES.min(self.shared.limits.max_memory_bytes / 4);
         let mut rest = rows;
         while !rest.is_empty() {
-            let chunk = next_chunk(rest, facts, byte_budget);
-            let (chunk_rows, tail) = rest.split_at(chunk.users);
-            guest.evaluate_chunk(chunk_rows, chunk, now_ms, results.len(), &mut results)?;
+            let (users, heap) = next_chunk(rest, facts, byte_budget);
+            let (chunk_rows, tail) = rest.split_at(users);
+            guest.evaluate_chunk(chunk_rows, facts, heap, now_ms, results.len(), &mut results)?;
             rest = tail;
         }
         self.check_in(guest);
@@ -207,25 +207,22 @@ fn optional_func<Params: wasmtime::WasmParams, Results: wasmtime::WasmResults>(
     }
 }
 
-/// The layout of the next chunk: as many leading rows of `rows` as fit the budgets (at least
-/// one).
-fn next_chunk(rows: &[Vec<FactValue>], facts: usize, byte_budget: usize) -> BatchLayout {
-    let mut chunk = BatchLayout {
-        users: 0,
-        facts,
-        heap_bytes: 0,
-    };
+/// How many leading rows of `rows` go into the next chunk (as many as fit the budgets, at
+/// least one) and what they put on the heap.
+fn next_chunk(rows: &[Vec<FactValue>], facts: usize, byte_budget: usize) -> (usize, HeapSize) {
+    let mut users = 0;
+    let mut heap = HeapSize::default();
     for row in rows.iter().take(MAX_CHUNK_USERS) {
-        let row_heap = heap_bytes(row);
-        // Each row adds its slots, its heap (array elements, strings) and its result byte.
-        let grown_bytes = chunk.total_bytes() + facts * SLOT_BYTES + row_heap + 1;
-        if chunk.users > 0 && grown_bytes > byte_budget {
+        let grown_heap = heap.plus(HeapSize::of_row(row));
+        // Each row brings its slots and its result byte, besides its heap.
+        let grown_bytes = (users + 1) * (facts * SLOT_BYTES + 1) + grown_heap.bytes();
+        if users > 0 && grown_bytes > byte_budget {
             break;
         }
-        chunk.users += 1;
-        chunk.heap_bytes += row_heap;
+        users += 1;
+        heap = grown_heap;
     }
-    chunk
+    (users, heap)
 }
 
 /// One live, configured instance of a predicate, used by one `evaluate` call at a time.
@@ -316,15 +313,21 @@ impl Guest {
 
     /// Evaluates one chunk, appending its results; `first_user` is the chunk's offset in the
     /// whole batch, for error messages.
-    /// `chunk` is the layout of `rows`.
+    /// `heap` is what `rows` put on the heap.
     fn evaluate_chunk(
         &mut self,
         rows: &[Vec<FactValue>],
-        chunk: BatchLayout,
+        facts: usize,
+        heap: HeapSize,
         now_ms: i64,
         first_user: usize,
         results: &mut Vec<bool>,
     ) -> Result<(), EvalError> {
+        let chunk = BatchLayout {
+            users: rows.len(),
+            facts,
+            heap_bytes: heap.bytes(),
+        };
         let total = chunk.total_bytes();
         let users =
             i32::try_from(chunk.users).map_err(|_| EvalError::BatchTooLarge { bytes: total })?;
@@ -333,7 +336,7 @@ impl Guest {
         // `alloc_buffer` checked that `base` fits in 32 bits and the whole batch in memory.
         let buffer = &mut self.memory.data_mut(&mut self.store)[base..base + total];
         let (batch, out_bytes) = buffer.split_at_mut(chunk.out_offset());
-        encode_into(batch, base as u32, chunk.facts, rows);
+        encode_into(batch, base as u32, facts, rows, heap);
         // A reused buffer holds the previous call's results; a guest that skips a user must
         // not pass them off as this call's.
         out_bytes.fill(0);
