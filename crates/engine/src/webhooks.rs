@@ -9,7 +9,6 @@
 //! exhausts its attempts and becomes a dead letter, after which the line moves on. A dead
 //! letter stays visible (`membrane webhooks dead`) until replayed.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,8 +87,8 @@ impl Signer {
 
     /// The `webhook-signature` header value for one message.
     pub fn sign(&self, message_id: &str, timestamp: i64, body: &[u8]) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key)
-            .expect("HMAC accepts keys of any length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC accepts keys of any length");
         mac.update(message_id.as_bytes());
         mac.update(format!(".{timestamp}.").as_bytes());
         mac.update(body);
@@ -201,12 +200,12 @@ async fn deliverer(
             match shared.store.claim_webhook_delivery().await {
                 Ok(Some(claimed)) => {
                     if let Err(error) = attempt(&shared, &client, claimed).await {
-                        report(&shared, &error);
+                        report(&error);
                     }
                 }
                 Ok(None) => break,
                 Err(error) => {
-                    report(&shared, &error);
+                    report(&error);
                     break;
                 }
             }
@@ -219,8 +218,7 @@ async fn deliverer(
     }
 }
 
-fn report(shared: &Shared, error: &membrane_store::StoreError) {
-    shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+fn report(error: &membrane_store::StoreError) {
     tracing::error!(task = "webhooks", "{error}");
 }
 
@@ -288,15 +286,15 @@ mod tests {
             1_614_265_330,
             br#"{"test": 2432232314}"#,
         );
-        assert_eq!(
-            signature,
-            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
-        );
+        assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
     }
 
     #[test]
     fn rejects_malformed_secrets() {
-        assert!(matches!(Signer::new("abc"), Err(SecretError::MissingPrefix)));
+        assert!(matches!(
+            Signer::new("abc"),
+            Err(SecretError::MissingPrefix)
+        ));
         assert!(matches!(
             Signer::new("whsec_!!!"),
             Err(SecretError::NotBase64(_))

@@ -9,6 +9,7 @@ pub mod membership;
 pub mod reads;
 pub mod round;
 pub mod testing;
+pub mod webhooks;
 
 pub use buckets::{BucketSwitch, BucketVersion, SweepRun};
 pub use ingest::{IngestOutcome, Message, QUEUE_CHANNEL};
