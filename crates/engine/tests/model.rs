@@ -202,7 +202,13 @@ fn generate(seed: u64, users: usize, messages: usize, now: DateTime<Utc>) -> Wor
     let mut tracks_with_ids: Vec<Message> = Vec::new();
     let mut duplicates = 0;
     for serial in 0..messages {
-        let user = rng.random_range(0..users);
+        // A tenth of the users get a third of the traffic: the same users are then changed
+        // by several clients and evaluated by several engines at once, and leave and re-enter.
+        let user = if rng.random_bool(0.33) {
+            rng.random_range(0..users.div_ceil(10))
+        } else {
+            rng.random_range(0..users)
+        };
         let home = user % INGEST_TASKS;
         let message_id = Some(format!("m-{serial}"));
         if rng.random_bool(0.06) && !tracks_with_ids.is_empty() {
@@ -629,6 +635,46 @@ fn check_pair(
     }
 }
 
+/// What a run exercised in one bucket, to show the checks were not vacuous.
+#[derive(Debug, Default)]
+#[allow(dead_code)] // read through Debug
+struct Coverage {
+    members: usize,
+    epochs: usize,
+    /// Epochs after the first: the user left and came back.
+    reentries: usize,
+    entered: usize,
+    left: usize,
+    /// Transitions written by a sweep rather than the real-time path.
+    by_sweep: usize,
+}
+
+impl Coverage {
+    fn of(
+        memberships: &BTreeMap<Pair, Vec<MembershipRow>>,
+        transitions: &BTreeMap<Pair, Vec<TransitionRow>>,
+    ) -> BTreeMap<String, Coverage> {
+        let mut by_bucket: BTreeMap<String, Coverage> = BTreeMap::new();
+        for ((bucket, _), epochs) in memberships {
+            let coverage = by_bucket.entry(bucket.clone()).or_default();
+            coverage.members += usize::from(epochs.last().is_some_and(|row| row.active));
+            coverage.epochs += epochs.len();
+            coverage.reentries += epochs.len() - 1;
+        }
+        for ((bucket, _), rows) in transitions {
+            let coverage = by_bucket.entry(bucket.clone()).or_default();
+            for transition in rows {
+                match transition.kind.as_str() {
+                    "entered" => coverage.entered += 1,
+                    _ => coverage.left += 1,
+                }
+                coverage.by_sweep += usize::from(transition.source == "sweep");
+            }
+        }
+        by_bucket
+    }
+}
+
 fn epochs_of(epochs: &[MembershipRow]) -> Vec<String> {
     epochs
         .iter()
@@ -800,8 +846,9 @@ async fn concurrent_evaluators_keep_memberships_exact() {
         expected.len(),
         started.elapsed()
     );
-    for (bucket, _, active) in &member_counts {
-        eprintln!("model:   {bucket}: {active} members");
+    let coverage = Coverage::of(&memberships, &transitions);
+    for (bucket, counts) in &coverage {
+        eprintln!("model:   {bucket}: {counts:?}");
     }
     assert!(
         problems.is_empty(),
@@ -813,6 +860,13 @@ async fn concurrent_evaluators_keep_memberships_exact() {
             .cloned()
             .collect::<Vec<_>>()
             .join("\n")
+    );
+    // The workload must reach the interesting paths, or the checks above prove little.
+    let reentries: usize = coverage.values().map(|c| c.reentries).sum();
+    let suppressed: usize = coverage.values().map(|c| c.epochs - c.entered).sum();
+    assert!(
+        reentries > 0 && suppressed > 0,
+        "no re-entries or no entry-limited joins: {coverage:?}"
     );
     assert!(
         rounds.iter().filter(|r| **r > 0).count() >= 2,
