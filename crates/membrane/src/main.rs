@@ -4,6 +4,7 @@
 mod demo;
 mod import;
 mod serve;
+mod webhooks;
 
 use std::path::{Path, PathBuf};
 
@@ -79,6 +80,13 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
+    /// Webhook endpoints, their dead letters and replays.
+    Webhooks {
+        #[command(flatten)]
+        db: Database,
+        #[command(subcommand)]
+        command: webhooks::WebhooksCommand,
+    },
     /// A private Postgres (unless DATABASE_URL is set), sample users, live traffic and the console.
     Demo {
         #[command(flatten)]
@@ -142,6 +150,10 @@ async fn dispatch(command: Command) -> Result<std::process::ExitCode> {
             init_logs(None);
             let store = connect(&db.database_url).await?;
             import::import(&store, &file, batch).await?;
+        }
+        Command::Webhooks { db, command } => {
+            let store = connect(&db.database_url).await?;
+            webhooks::run(&store, command).await?;
         }
         Command::Demo { options } => demo::run(options).await?,
     }
