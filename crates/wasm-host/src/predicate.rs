@@ -10,7 +10,10 @@ use crate::sandbox::{classify, GuestLimiter};
 use crate::Shared;
 
 /// Most users handed to one `membrane_eval` call; bounds the work done under one time budget.
-const MAX_CHUNK_USERS: usize = 16 * 1024;
+/// Kept small so a chunk's rows, sized in one pass and encoded in the next, and its batch
+/// (about 200 KB for six facts) stay in a core's L2 cache; on the 6-leaf benchmark 2k-user
+/// chunks beat 16k-user ones by about 15%.
+const MAX_CHUNK_USERS: usize = 2 * 1024;
 /// Longest explanation read from `membrane_last_error`; the rest is cut.
 const MAX_GUEST_MESSAGE_BYTES: usize = 1024;
 /// Most batch bytes (rows, strings, results) per call, further bounded by a quarter of the

@@ -281,3 +281,12 @@ fn concurrent_callers_get_their_own_results_while_another_keeps_trapping() {
     }
     trapper.join().expect("every trap was reported");
 }
+
+#[test]
+fn a_batch_of_several_chunks_keeps_its_order() {
+    let predicate = load();
+    // More users than one chunk holds, with a pattern that does not align with chunk edges.
+    let counts: Vec<i64> = (0..10_007).map(|user| user % 7 % 2).collect();
+    let expected: Vec<bool> = counts.iter().map(|&count| count > 0).collect();
+    assert_eq!(predicate.evaluate(&count_rows(counts), 0), Ok(expected));
+}
