@@ -133,6 +133,9 @@ fn backoff(config: &WebhookConfig, failures: u32) -> Duration {
 }
 
 /// The delivery task: `concurrency` deliverers, woken by committed transitions and by a poll.
+/// A notification wakes one deliverer (so a busy ingest without endpoints costs one cheap
+/// query per round, not one per deliverer), and each deliverer that finds work wakes the next,
+/// so several endpoints are still served at once.
 pub(crate) async fn deliver(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
     let config = shared.config.webhooks.clone();
     let client = match reqwest::Client::builder()
@@ -171,7 +174,7 @@ pub(crate) async fn deliver(shared: Arc<Shared>, mut stopped: watch::Receiver<bo
                     None => std::future::pending().await,
                 }
             } => match notified {
-                Ok(()) => wake.notify_waiters(),
+                Ok(()) => wake.notify_one(),
                 Err(error) => {
                     tracing::warn!("transition notifications lost, webhooks poll only: {error}");
                     notifications = None;
@@ -191,14 +194,15 @@ async fn deliverer(
 ) {
     let poll = shared.config.webhooks.poll_interval;
     loop {
-        // Registered before the claims, so a transition committed meanwhile is not missed.
-        let woken = wake.notified();
         loop {
             if *stopped.borrow() {
                 return;
             }
             match shared.store.claim_webhook_delivery().await {
                 Ok(Some(claimed)) => {
+                    // Another endpoint may be due too. (A wake-up nobody waits for is kept
+                    // as a permit, so none is lost while every deliverer is busy.)
+                    wake.notify_one();
                     if let Err(error) = attempt(&shared, &client, claimed).await {
                         report(&error);
                     }
@@ -213,7 +217,7 @@ async fn deliverer(
         tokio::select! {
             _ = stopped.changed() => return,
             _ = tokio::time::sleep(poll) => {}
-            _ = woken => {}
+            _ = wake.notified() => {}
         }
     }
 }
