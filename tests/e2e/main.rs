@@ -6,3 +6,4 @@ mod hot_reload;
 mod live;
 mod plugins;
 mod support;
+mod webhooks;

@@ -86,9 +86,25 @@ pub(crate) async fn realtime(shared: Arc<Shared>, mut stopped: watch::Receiver<b
 }
 
 /// One real-time round; returns how many users it claimed.
-async fn realtime_round(shared: &Shared) -> Result<usize, EngineError> {
-    let registry = shared.registry.load_full();
+async fn realtime_round(shared: &Arc<Shared>) -> Result<usize, EngineError> {
     let switches = shared.store.bucket_switches().await?;
+    if !shared.registry.load().behind(&switches).is_empty() {
+        // Another engine serves a newer bucket set: catch up before claiming anything, or the
+        // claimed changes would never be evaluated with the buckets we lack.
+        crate::reload::reload_now(shared).await?;
+        crate::retire_unserved_buckets(shared).await?;
+        let switches = shared.store.bucket_switches().await?;
+        let behind = shared.registry.load().behind(&switches);
+        if !behind.is_empty() {
+            tracing::warn!(
+                buckets = ?behind,
+                "another live engine serves bucket versions this engine's files lack; \
+                 leaving the queue to engines that serve them"
+            );
+            return Ok(0);
+        }
+    }
+    let registry = shared.registry.load_full();
     let mut round = shared.store.begin_round().await?;
     let queued = round.claim_queue(shared.config.batch_size).await?;
     if queued.is_empty() {
@@ -212,7 +228,10 @@ pub(crate) async fn sweeps(shared: Arc<Shared>, mut stopped: watch::Receiver<boo
             }
         };
         for bucket in registry.buckets.values() {
-            if !bucket.moves_with_the_clock() || !bucket.enabled(&switches) {
+            if !bucket.moves_with_the_clock()
+                || !bucket.enabled(&switches)
+                || !bucket.recorded(&switches)
+            {
                 continue;
             }
             if let Err(error) = sweep_bucket(&shared, bucket).await {
@@ -274,6 +293,7 @@ pub(crate) async fn backfills(shared: Arc<Shared>, mut stopped: watch::Receiver<
                         continue;
                     };
                     if !bucket.enabled(&switches)
+                        || !bucket.recorded(&switches)
                         || switch.backfilled_hash.as_deref() == Some(&bucket.hash)
                     {
                         continue;
@@ -380,6 +400,10 @@ pub(crate) async fn heartbeats(shared: Arc<Shared>, mut stopped: watch::Receiver
             report(&shared, "heartbeat", &error.into());
         }
         if pause(&mut stopped, Duration::from_secs(2)).await {
+            // A clean stop says so at once, rather than looking alive for a while.
+            if let Err(error) = shared.store.forget_engine(&shared.config.engine_id).await {
+                report(&shared, "heartbeat", &error.into());
+            }
             return;
         }
     }

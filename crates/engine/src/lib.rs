@@ -209,6 +209,29 @@ impl EngineHandle {
     }
 }
 
+/// When no other engine is alive, buckets recorded in the database that this engine's files do
+/// not define are gone (their files were removed while nothing ran): mark them removed, or
+/// every round would wait for an engine that serves them.
+pub(crate) async fn retire_unserved_buckets(shared: &Shared) -> Result<(), EngineError> {
+    let store = &shared.store;
+    if store.other_engines_alive(&shared.config.engine_id).await? {
+        return Ok(());
+    }
+    let switches = store.bucket_switches().await?;
+    let retired: Vec<String> = shared
+        .registry
+        .load()
+        .behind(&switches)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    if !retired.is_empty() {
+        tracing::info!(buckets = ?retired, "buckets without a file here and no other engine: marked removed");
+        store.record_buckets_removed(&retired).await?;
+    }
+    Ok(())
+}
+
 /// Loads `buckets/`, records what loaded and what failed, and starts the engine's tasks.
 pub async fn start(store: Store, config: EngineConfig) -> Result<EngineHandle, EngineError> {
     let shared = Arc::new(Shared {
@@ -220,6 +243,7 @@ pub async fn start(store: Store, config: EngineConfig) -> Result<EngineHandle, E
         backfill_due: tokio::sync::Notify::new(),
     });
     reload::reload_now(&shared).await?;
+    retire_unserved_buckets(&shared).await?;
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let watcher = reload::watch(shared.clone(), stopped.clone())?;

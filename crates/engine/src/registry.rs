@@ -54,6 +54,14 @@ impl LoadedBucket {
         self.def.enabled && switches.get(self.id()).is_none_or(|s| s.enabled)
     }
 
+    /// The version the engines last recorded for this bucket is this one: a sweep or backfill
+    /// by an engine still on another version would undo the newer one's work.
+    pub fn recorded(&self, switches: &HashMap<String, BucketSwitch>) -> bool {
+        switches
+            .get(self.id())
+            .is_none_or(|s| s.criteria_hash == self.hash)
+    }
+
     /// Membership or transitions can change with no event: windows, `now()`, dwell rules.
     pub fn moves_with_the_clock(&self) -> bool {
         let def = &self.def;
@@ -134,6 +142,22 @@ impl Registry {
             }
         }
         self.buckets.insert(bucket.def.id.clone(), bucket);
+    }
+
+    /// Bucket versions recorded in the database that this registry does not serve (and did not
+    /// take out of service after a fault). While there are any, this engine is behind another
+    /// one's reload: evaluating with what it has would consume changes with the wrong version.
+    pub fn behind<'a>(&self, switches: &'a HashMap<String, BucketSwitch>) -> Vec<&'a str> {
+        switches
+            .iter()
+            .filter(|(_, switch)| !switch.removed && !switch.criteria_hash.is_empty())
+            .filter(|(id, switch)| {
+                let serving = self.buckets.get(*id).map(|b| &b.hash);
+                let faulted = self.faulted.get(*id).map(|(hash, _)| hash);
+                serving != Some(&switch.criteria_hash) && faulted != Some(&switch.criteria_hash)
+            })
+            .map(|(id, _)| id.as_str())
+            .collect()
     }
 
     pub fn has_fallback(&self, id: &str) -> bool {

@@ -81,3 +81,35 @@ async fn a_rebuilt_plugin_module_is_reloaded() {
     .await;
     engine.shutdown().await;
 }
+
+/// A bucket recorded by an engine that has since stopped, and whose file this engine does not
+/// have, is retired instead of holding up the queue.
+#[tokio::test(flavor = "multi_thread")]
+async fn buckets_only_a_stopped_engine_served_do_not_hold_up_the_queue() {
+    let db = fresh_database().await.unwrap();
+    let store = db.store.clone();
+    let first = tempfile::tempdir().unwrap();
+    write(
+        &first.path().join("old.toml"),
+        b"criteria = 'event(\"ping\").exists()'\n",
+    );
+    let engine = membrane_engine::start(store.clone(), EngineConfig::new(first.path().into()))
+        .await
+        .unwrap();
+    engine.shutdown().await;
+
+    let second = tempfile::tempdir().unwrap();
+    write(
+        &second.path().join("new.toml"),
+        b"criteria = 'event(\"ping\").exists()'\n",
+    );
+    let engine = membrane_engine::start(store.clone(), EngineConfig::new(second.path().into()))
+        .await
+        .unwrap();
+    track(&store, "pinger", "ping").await;
+    eventually("pinger to join the new bucket", async || {
+        store.is_member("new", "pinger").await.unwrap()
+    })
+    .await;
+    engine.shutdown().await;
+}

@@ -48,6 +48,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use membrane_store::Store;
+use prometheus_client::metrics::counter::Counter;
 use serde_json::{json, Value};
 
 use segment::Shape;
@@ -65,6 +66,30 @@ pub struct ApiConfig {
     pub write_keys: Vec<String>,
     /// Accepted read tokens (HTTP Basic user or bearer token). Empty: reads are open.
     pub read_tokens: Vec<String>,
+    /// Counts what ingest applied; register it to expose it.
+    pub metrics: IngestMetrics,
+}
+
+/// Ingest counters (Prometheus). Cloning shares the values.
+#[derive(Clone, Default, Debug)]
+pub struct IngestMetrics {
+    pub applied: Counter,
+    pub duplicates: Counter,
+}
+
+impl IngestMetrics {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "membrane_ingested_messages",
+            "Messages applied by ingest",
+            self.applied.clone(),
+        );
+        registry.register(
+            "membrane_duplicate_messages",
+            "Messages skipped because their messageId was applied before",
+            self.duplicates.clone(),
+        );
+    }
 }
 
 #[derive(Clone)]
@@ -310,7 +335,13 @@ async fn ingest(
     check_content_type(headers)?;
     let messages = segment::parse_request(&value?, shape, chrono::Utc::now())?;
     if !messages.is_empty() {
-        state.store.ingest(&messages).await?;
+        let outcome = state.store.ingest(&messages).await?;
+        state.config.metrics.applied.inc_by(outcome.applied as u64);
+        state
+            .config
+            .metrics
+            .duplicates
+            .inc_by(outcome.duplicates as u64);
     }
     Ok(Json(json!({ "success": true })))
 }

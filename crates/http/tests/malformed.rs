@@ -21,6 +21,7 @@ fn app(store: &Store) -> Router {
         ApiConfig {
             write_keys: vec![WRITE_KEY.to_owned()],
             read_tokens: vec![READ_TOKEN.to_owned()],
+            ..ApiConfig::default()
         },
     )
 }

@@ -51,13 +51,20 @@ pub async fn serve(store: Store, args: EngineArgs, console: bool) -> Result<()> 
             "no read tokens configured (--read-token / MEMBRANE_READ_TOKENS): reads are open"
         );
     }
+    let ingest_metrics = membrane_http::IngestMetrics::default();
     let api = membrane_http::router(
         store.clone(),
         membrane_http::ApiConfig {
             write_keys: args.write_key.clone(),
             read_tokens: args.read_token.clone(),
+            metrics: ingest_metrics.clone(),
         },
-    );
+    )
+    .merge(metrics_route(
+        store.clone(),
+        engine.stats(),
+        &ingest_metrics,
+    ));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -75,4 +82,65 @@ pub async fn serve(store: Store, args: EngineArgs, console: bool) -> Result<()> 
     server.abort();
     engine.shutdown().await;
     Ok(())
+}
+
+/// `GET /metrics` in Prometheus text format: this engine's counters, its ingest counters, and
+/// the queue's depth and lag read from the database at scrape time.
+fn metrics_route(
+    store: Store,
+    stats: &membrane_engine::Stats,
+    ingest: &membrane_http::IngestMetrics,
+) -> axum::Router {
+    use prometheus_client::metrics::gauge::Gauge;
+    use std::sync::atomic::AtomicU64;
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    stats.register(&mut registry);
+    ingest.register(&mut registry);
+    let depth: Gauge = Gauge::default();
+    let lag: Gauge<f64, AtomicU64> = Gauge::default();
+    registry.register(
+        "membrane_queue_depth",
+        "Unprocessed evaluation-queue entries (capped)",
+        depth.clone(),
+    );
+    registry.register_with_unit(
+        "membrane_queue_lag",
+        "Age of the oldest unprocessed evaluation-queue entry",
+        prometheus_client::registry::Unit::Seconds,
+        lag.clone(),
+    );
+    let registry = std::sync::Arc::new(registry);
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let (store, registry, depth, lag) =
+                (store.clone(), registry.clone(), depth.clone(), lag.clone());
+            async move {
+                use axum::http::{header, StatusCode};
+                use axum::response::IntoResponse;
+                match store.queue_lag().await {
+                    Ok(queue) => {
+                        depth.set(queue.depth);
+                        lag.set(queue.oldest_seconds);
+                    }
+                    Err(error) => tracing::warn!("metrics: cannot read the queue: {error}"),
+                }
+                let mut text = String::new();
+                match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                    Ok(()) => (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                        .into_response(),
+                    Err(error) => {
+                        (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()
+                    }
+                }
+            }
+        }),
+    )
 }

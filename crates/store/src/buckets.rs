@@ -24,6 +24,10 @@ pub struct BucketVersion {
 pub struct BucketSwitch {
     pub enabled: bool,
     pub backfilled_hash: Option<String>,
+    /// The version the engines last recorded as serving ("" when none ever loaded).
+    pub criteria_hash: String,
+    /// Its file was removed: no engine should serve it.
+    pub removed: bool,
 }
 
 impl Store {
@@ -86,18 +90,21 @@ impl Store {
     }
 
     pub async fn bucket_switches(&self) -> Result<HashMap<String, BucketSwitch>> {
-        let rows: Vec<(String, bool, Option<String>)> =
-            sqlx::query_as("SELECT id, enabled, backfilled_hash FROM buckets")
-                .fetch_all(self.pool())
-                .await?;
+        let rows: Vec<(String, bool, Option<String>, String, bool)> = sqlx::query_as(
+            "SELECT id, enabled, backfilled_hash, criteria_hash, status = 'removed' FROM buckets",
+        )
+        .fetch_all(self.pool())
+        .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, enabled, backfilled_hash)| {
+            .map(|(id, enabled, backfilled_hash, criteria_hash, removed)| {
                 (
                     id,
                     BucketSwitch {
                         enabled,
                         backfilled_hash,
+                        criteria_hash,
+                        removed,
                     },
                 )
             })

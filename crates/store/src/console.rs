@@ -101,9 +101,7 @@ pub struct MemberRow {
     pub entered_at: DateTime<Utc>,
 }
 
-/// Queue depth is counted up to this many rows, so a huge backlog cannot make every refresh
-/// slow; beyond it the console shows "100000+".
-pub const QUEUE_DEPTH_CAP: i64 = 100_000;
+pub use crate::reads::QUEUE_DEPTH_CAP;
 
 /// Reads the overview: every bucket, the `feed_limit` newest transitions, engines and the queue.
 pub async fn snapshot(store: &Store, feed_limit: i64) -> Result<ConsoleSnapshot> {

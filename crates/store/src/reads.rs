@@ -76,3 +76,60 @@ impl Store {
         Ok(())
     }
 }
+
+/// How far behind the real-time path is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueueLag {
+    /// Unprocessed entries, counted up to [`QUEUE_DEPTH_CAP`].
+    pub depth: i64,
+    /// Age of the oldest unprocessed entry, in seconds (0 when the queue is empty).
+    pub oldest_seconds: f64,
+}
+
+/// Counting stops here, so that a huge backlog does not make every scrape slow.
+pub const QUEUE_DEPTH_CAP: i64 = 100_000;
+
+impl Store {
+    pub async fn queue_lag(&self) -> Result<QueueLag> {
+        let (depth, oldest_seconds): (i64, f64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM eval_queue LIMIT $1) capped), \
+                    coalesce(extract(epoch FROM clock_timestamp() - \
+                        (SELECT enqueued_at FROM eval_queue ORDER BY id LIMIT 1))::float8, 0)",
+        )
+        .bind(QUEUE_DEPTH_CAP)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(QueueLag {
+            depth,
+            oldest_seconds,
+        })
+    }
+}
+
+/// An engine whose heartbeat is older than this is presumed gone.
+pub const ENGINE_ALIVE_SECS: f64 = 10.0;
+
+impl Store {
+    /// Whether an engine other than `engine_id` sent a heartbeat recently.
+    pub async fn other_engines_alive(&self, engine_id: &str) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM engine_heartbeats WHERE engine_id <> $1 \
+             AND last_seen_at > now() - make_interval(secs => $2))",
+        )
+        .bind(engine_id)
+        .bind(ENGINE_ALIVE_SECS)
+        .fetch_one(self.pool())
+        .await?)
+    }
+}
+
+impl Store {
+    /// Removes an engine's heartbeat when it stops cleanly.
+    pub async fn forget_engine(&self, engine_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM engine_heartbeats WHERE engine_id = $1")
+            .bind(engine_id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+}
