@@ -55,6 +55,22 @@ async fn http_event_enters_then_window_expiry_leaves() {
         engine.db.store.member_count("pinged").await.unwrap(),
         Some(1)
     );
+
+    let metrics = reqwest::get(format!("{}/metrics", engine.base_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "membrane_transitions_total{kind=\"entered\"} 2",
+        "membrane_transitions_total{kind=\"left\"} 1",
+        "membrane_ingested_messages_total 2",
+        "membrane_queue_depth 0",
+        "membrane_wasm_call_seconds_count",
+    ] {
+        assert!(metrics.contains(series), "no `{series}` in:\n{metrics}");
+    }
 }
 
 /// A batch with one bad message is refused whole, with the bad field named.
