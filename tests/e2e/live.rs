@@ -92,3 +92,35 @@ async fn bad_batch_is_refused_whole() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(engine.transitions().await.is_empty());
 }
+
+/// `DELETE /v1/users/{id}` closes the user's memberships with `left` (reason `erased`).
+#[tokio::test(flavor = "multi_thread")]
+async fn erasing_a_user_over_http_closes_their_memberships() {
+    let engine = RunningEngine::start(&[("pinged.toml", PINGED)]).await;
+    engine.track("carol", "ping").await;
+    engine
+        .wait_for_transition(Duration::from_secs(5), |t| {
+            t.key == "bucket:pinged:carol:entered:1"
+        })
+        .await;
+    let response = reqwest::Client::new()
+        .delete(format!("{}/v1/users/carol", engine.base_url))
+        .bearer_auth(crate::support::WRITE_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let left = engine
+        .wait_for_transition(Duration::from_secs(5), |t| {
+            t.key == "bucket:pinged:carol:left:1"
+        })
+        .await;
+    assert_eq!(
+        (left.source.as_str(), left.reason.as_str()),
+        ("operator", "erased")
+    );
+    assert_eq!(
+        engine.db.store.member_count("pinged").await.unwrap(),
+        Some(0)
+    );
+}

@@ -127,6 +127,7 @@ pub fn router(store: Store, config: ApiConfig) -> Router {
     routes
         .route("/v1/buckets/{id}", get(bucket_count))
         .route("/v1/buckets/{id}/members/{user}", get(has_member))
+        .route("/v1/users/{id}", axum::routing::delete(erase_user))
         .route("/health", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -344,6 +345,22 @@ async fn ingest(
             .inc_by(outcome.duplicates as u64);
     }
     Ok(Json(json!({ "success": true })))
+}
+
+/// `DELETE /v1/users/{id}` (write key): closes the user's memberships with `left` (reason
+/// `erased`) and deletes their events, properties and pending changes.
+async fn erase_user(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(
+        &state.config,
+        Access::Write,
+        header_credential(&headers).as_deref(),
+    )?;
+    let closed = state.store.erase_user(&user).await?;
+    Ok(Json(json!({ "user": user, "memberships_closed": closed })))
 }
 
 async fn bucket_count(
