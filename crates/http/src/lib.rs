@@ -347,6 +347,11 @@ async fn ingest(
     Ok(Json(json!({ "success": true })))
 }
 
+/// Checks the header credential of a request that has no body to carry one.
+fn require(state: &AppState, headers: &HeaderMap, access: Access) -> Result<(), ApiError> {
+    authorize(&state.config, access, header_credential(headers).as_deref())
+}
+
 /// `DELETE /v1/users/{id}` (write key): closes the user's memberships with `left` (reason
 /// `erased`) and deletes their events, properties and pending changes.
 async fn erase_user(
@@ -354,11 +359,7 @@ async fn erase_user(
     headers: HeaderMap,
     Path(user): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(
-        &state.config,
-        Access::Write,
-        header_credential(&headers).as_deref(),
-    )?;
+    require(&state, &headers, Access::Write)?;
     let closed = state.store.erase_user(&user).await?;
     Ok(Json(json!({ "user": user, "memberships_closed": closed })))
 }
@@ -368,11 +369,7 @@ async fn bucket_count(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(
-        &state.config,
-        Access::Read,
-        header_credential(&headers).as_deref(),
-    )?;
+    require(&state, &headers, Access::Read)?;
     match state.store.member_count(&id).await? {
         Some(count) => Ok(Json(json!({ "bucket": id, "count": count }))),
         None => Err(ApiError::new(
@@ -387,11 +384,7 @@ async fn has_member(
     headers: HeaderMap,
     Path((id, user)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(
-        &state.config,
-        Access::Read,
-        header_credential(&headers).as_deref(),
-    )?;
+    require(&state, &headers, Access::Read)?;
     let member = state.store.is_member(&id, &user).await?;
     Ok(Json(
         json!({ "bucket": id, "user": user, "member": member }),
