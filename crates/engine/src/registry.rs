@@ -130,6 +130,15 @@ impl Registry {
         events.chain(props).flatten().map(String::as_str).collect()
     }
 
+    /// Keeps a version that served in `previous`, with the fallback it had there.
+    fn carry_over(&mut self, previous: &Registry, bucket: Arc<LoadedBucket>) {
+        if let Some(fallback) = previous.fallbacks.get(bucket.id()) {
+            self.fallbacks
+                .insert(bucket.id().to_owned(), fallback.clone());
+        }
+        self.insert(bucket);
+    }
+
     fn insert(&mut self, bucket: Arc<LoadedBucket>) {
         for fact in &bucket.facts {
             let (index, key) = match fact {
@@ -211,28 +220,22 @@ impl Registry {
             .collect();
         for def in report.buckets {
             match self.build(def, wasm) {
-                Ok((bucket, is_new)) => {
-                    let id = bucket.id().to_owned();
-                    if is_new {
-                        changed.push(bucket.clone());
-                        if let Some(replaced) = self.buckets.get(&id) {
-                            next.fallbacks.insert(id.clone(), replaced.clone());
-                        }
-                    } else if let Some(fallback) = self.fallbacks.get(&id) {
-                        next.fallbacks.insert(id.clone(), fallback.clone());
+                Ok((bucket, true)) => {
+                    changed.push(bucket.clone());
+                    if let Some(replaced) = self.buckets.get(bucket.id()) {
+                        next.fallbacks
+                            .insert(bucket.id().to_owned(), replaced.clone());
                     }
                     next.insert(bucket);
                 }
+                Ok((bucket, false)) => next.carry_over(self, bucket),
                 Err(failure) => failures.push(failure),
             }
         }
         for failure in &failures {
             if let Some(previous) = self.buckets.get(&failure.id) {
                 if !next.buckets.contains_key(&failure.id) {
-                    if let Some(fallback) = self.fallbacks.get(&failure.id) {
-                        next.fallbacks.insert(failure.id.clone(), fallback.clone());
-                    }
-                    next.insert(previous.clone());
+                    next.carry_over(self, previous.clone());
                 }
             }
         }
