@@ -11,9 +11,10 @@
 //!   `users` rows of facts at `input`, writes one result byte per user at `out` (0 = not a member,
 //!   1 = member) and returns 0, or a non-zero error code.
 //!
-//! A row is one 16-byte [`Slot`] per declared fact, in manifest order. Strings live in a heap the
-//! host writes after the rows; a string slot holds its absolute address and byte length. The host
-//! lays a batch out as `[rows][string heap][out bytes]` inside one `membrane_alloc` buffer.
+//! A row is one 16-byte [`Slot`] per declared fact, in manifest order. Strings and array
+//! elements live in a heap the host writes after the rows; a string slot holds its absolute
+//! address and byte length. The host lays a batch out as `[rows][heap][out bytes]` inside one
+//! `membrane_alloc` buffer, from a `FactBatch` it gathered in that layout.
 //!
 //! Two optional exports (see `docs/plugin-abi.md`):
 //! - `membrane_configure(config: i32, len: i32) -> i32`: the host writes the bucket's `[config]`
@@ -34,6 +35,11 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "std")]
+mod batch;
+#[cfg(feature = "std")]
+pub use batch::{encode_batch, FactBatch, Segment, SlotValue, MAX_CALL_USERS};
 
 pub const ABI_VERSION: u32 = 1;
 
@@ -130,6 +136,20 @@ pub enum Fact {
     /// The same key read as an RFC 3339 timestamp: [`FactValue::Timestamp`] when it parses,
     /// [`FactValue::Missing`] otherwise (absent, another type, or not a valid timestamp).
     PropertyTime { key: String },
+}
+
+impl Fact {
+    /// The slot of a user with no events and no properties: a count of 0, or missing.
+    pub fn blank_slot(&self) -> Slot {
+        match self {
+            Fact::EventCount { .. } => Slot {
+                tag: tag::COUNT,
+                len: 0,
+                payload: 0,
+            },
+            Fact::Property { .. } | Fact::PropertyTime { .. } => Slot::MISSING,
+        }
+    }
 }
 
 /// A condition on an event's own properties (`.where(...)`). Hosts translate it to their
@@ -284,6 +304,13 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// An absent property (all zero bytes).
+    pub const MISSING: Slot = Slot {
+        tag: tag::MISSING,
+        len: 0,
+        payload: 0,
+    };
+
     pub fn to_bytes(self) -> [u8; SLOT_BYTES] {
         let mut out = [0u8; SLOT_BYTES];
         out[0..4].copy_from_slice(&self.tag.to_le_bytes());
@@ -327,198 +354,6 @@ impl BatchLayout {
     }
 }
 
-/// What a row of values adds to a batch's heap: array element slots and string bytes.
-/// Hosts size their `membrane_alloc` request with it.
-#[cfg(feature = "std")]
-pub fn heap_bytes(row: &[FactValue]) -> usize {
-    HeapSize::of_row(row).bytes()
-}
-
-/// What rows put on a batch's heap: array element slots first, then string bytes.
-#[cfg(feature = "std")]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HeapSize {
-    pub element_slots: usize,
-    pub string_bytes: usize,
-}
-
-#[cfg(feature = "std")]
-impl HeapSize {
-    pub fn of_row(row: &[FactValue]) -> Self {
-        let mut size = HeapSize::default();
-        for value in row {
-            match value {
-                FactValue::String(s) => size.string_bytes += s.len(),
-                FactValue::Array(items) => {
-                    size.element_slots += items.len();
-                    size.string_bytes += items
-                        .iter()
-                        .filter_map(serde_json::Value::as_str)
-                        .map(str::len)
-                        .sum::<usize>();
-                }
-                _ => {}
-            }
-        }
-        size
-    }
-
-    pub fn of_rows(rows: &[Vec<FactValue>]) -> Self {
-        rows.iter().fold(HeapSize::default(), |total, row| {
-            total.plus(HeapSize::of_row(row))
-        })
-    }
-
-    pub fn plus(self, other: HeapSize) -> Self {
-        HeapSize {
-            element_slots: self.element_slots + other.element_slots,
-            string_bytes: self.string_bytes + other.string_bytes,
-        }
-    }
-
-    pub fn bytes(self) -> usize {
-        self.element_slots * SLOT_BYTES + self.string_bytes
-    }
-}
-
-/// Lays out `rows` (each `facts` values long) at guest address `base`; returns the layout and
-/// the bytes to copy to `base` (rows and heap; the result area is left to the guest). The heap
-/// holds array element slots first (16-byte aligned when `base` is), then string bytes.
-/// Hosts that can write straight into guest memory use [`encode_into`] and skip this copy.
-#[cfg(feature = "std")]
-pub fn encode_batch(base: u32, facts: usize, rows: &[Vec<FactValue>]) -> (BatchLayout, Vec<u8>) {
-    let heap = HeapSize::of_rows(rows);
-    let mut bytes = vec![0u8; facts * rows.len() * SLOT_BYTES + heap.bytes()];
-    let layout = encode_into(&mut bytes, base, facts, rows, heap);
-    (layout, bytes)
-}
-
-/// Writes the batch of [`encode_batch`] (rows, then heap) into `buffer`, which the guest sees
-/// at address `base`, without allocating; returns its layout. `heap` must be
-/// `HeapSize::of_rows(rows)`, which hosts already computed to size the buffer. The result area
-/// after `out_offset()` is not touched.
-///
-/// # Panics
-/// When a row does not hold `facts` values or `buffer` is shorter than the layout's
-/// `out_offset()`.
-#[cfg(feature = "std")]
-pub fn encode_into(
-    buffer: &mut [u8],
-    base: u32,
-    facts: usize,
-    rows: &[Vec<FactValue>],
-    heap: HeapSize,
-) -> BatchLayout {
-    let layout = BatchLayout {
-        users: rows.len(),
-        facts,
-        heap_bytes: heap.bytes(),
-    };
-    assert!(
-        buffer.len() >= layout.out_offset(),
-        "the buffer holds {} bytes; the batch needs {}",
-        buffer.len(),
-        layout.out_offset()
-    );
-    let rows_bytes = layout.rows_bytes();
-    let (slots, heap_area) = buffer[..layout.out_offset()].split_at_mut(rows_bytes);
-    let mut writer = HeapWriter {
-        heap: heap_area,
-        heap_base: u64::from(base) + rows_bytes as u64,
-        next_element: 0,
-        next_string: heap.element_slots * SLOT_BYTES,
-    };
-    // `chunks_exact_mut` (rather than indexing) lets the slot writes go without bounds checks.
-    let mut slots = slots.chunks_exact_mut(SLOT_BYTES);
-    for row in rows {
-        assert_eq!(
-            row.len(),
-            facts,
-            "every row holds one value per declared fact"
-        );
-        for (value, slot) in row.iter().zip(&mut slots) {
-            slot.copy_from_slice(&writer.slot_of(value).to_bytes());
-        }
-    }
-    layout
-}
-
-/// Appends array element slots and string bytes to a batch's heap, which lives at guest
-/// address `heap_base`; `next_element` and `next_string` are offsets into `heap`.
-#[cfg(feature = "std")]
-struct HeapWriter<'a> {
-    heap: &'a mut [u8],
-    heap_base: u64,
-    next_element: usize,
-    next_string: usize,
-}
-
-#[cfg(feature = "std")]
-impl HeapWriter<'_> {
-    fn string(&mut self, s: &str) -> Slot {
-        let at = self.next_string;
-        self.heap[at..at + s.len()].copy_from_slice(s.as_bytes());
-        self.next_string += s.len();
-        Slot {
-            tag: tag::STRING,
-            len: s.len() as u32,
-            payload: self.heap_base + at as u64,
-        }
-    }
-
-    fn slot_of(&mut self, value: &FactValue) -> Slot {
-        match value {
-            FactValue::Missing => bare_slot(tag::MISSING, 0),
-            FactValue::Null => bare_slot(tag::NULL, 0),
-            FactValue::Bool(b) => bare_slot(tag::BOOL, *b as u64),
-            FactValue::Number(n) => bare_slot(tag::NUMBER, n.to_bits()),
-            FactValue::String(s) => self.string(s),
-            FactValue::Array(items) => {
-                // Reserve the element slots first: string elements go to the string region.
-                let first = self.next_element;
-                self.next_element += items.len() * SLOT_BYTES;
-                for (index, item) in items.iter().enumerate() {
-                    let element = self.element_slot(item).to_bytes();
-                    let at = first + index * SLOT_BYTES;
-                    self.heap[at..at + SLOT_BYTES].copy_from_slice(&element);
-                }
-                Slot {
-                    tag: tag::ARRAY,
-                    len: items.len() as u32,
-                    payload: self.heap_base + first as u64,
-                }
-            }
-            FactValue::Object => bare_slot(tag::OBJECT, 0),
-            FactValue::Count(c) => bare_slot(tag::COUNT, *c as u64),
-            FactValue::Timestamp(ms) => bare_slot(tag::TIMESTAMP, *ms as u64),
-        }
-    }
-
-    /// An array element: scalars as at top level (read like [`FactValue::from_json`], without
-    /// cloning); nested containers keep only their tag.
-    fn element_slot(&mut self, item: &serde_json::Value) -> Slot {
-        use serde_json::Value;
-        match item {
-            Value::Null => bare_slot(tag::NULL, 0),
-            Value::Bool(b) => bare_slot(tag::BOOL, *b as u64),
-            Value::Number(n) => bare_slot(tag::NUMBER, n.as_f64().unwrap_or(f64::NAN).to_bits()),
-            Value::String(s) => self.string(s),
-            Value::Array(_) => bare_slot(tag::ARRAY, 0),
-            Value::Object(_) => bare_slot(tag::OBJECT, 0),
-        }
-    }
-}
-
-/// A slot with no heap part.
-#[cfg(feature = "std")]
-fn bare_slot(tag: u32, payload: u64) -> Slot {
-    Slot {
-        tag,
-        len: 0,
-        payload,
-    }
-}
-
 #[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
@@ -549,58 +384,5 @@ mod tests {
         ]);
         let json = manifest.to_json();
         assert_eq!(FactManifest::from_json(json.as_bytes()).unwrap(), manifest);
-    }
-
-    #[test]
-    fn arrays_lay_out_element_slots_before_strings() {
-        let rows = vec![vec![FactValue::Array(vec![
-            serde_json::json!("x"),
-            serde_json::json!(2),
-            serde_json::json!([1]),
-        ])]];
-        let (layout, bytes) = encode_batch(0, 1, &rows);
-        assert_eq!(layout.heap_bytes, 3 * 16 + 1);
-        let slot = |at: usize| Slot::from_bytes(&bytes[at..at + 16].try_into().unwrap());
-        assert_eq!(slot(0).tag, tag::ARRAY);
-        assert_eq!((slot(0).len, slot(0).payload), (3, 16));
-        assert_eq!(slot(16).tag, tag::STRING);
-        assert_eq!(slot(16).payload, 64);
-        assert_eq!(slot(32).tag, tag::NUMBER);
-        assert_eq!(slot(48).tag, tag::ARRAY);
-        assert_eq!(&bytes[64..65], b"x");
-    }
-
-    #[test]
-    fn encode_into_writes_the_same_bytes_in_place_and_leaves_the_results_alone() {
-        let rows = vec![
-            vec![
-                FactValue::Array(vec![serde_json::json!("é"), serde_json::json!(null)]),
-                FactValue::String("pro".into()),
-            ],
-            vec![FactValue::Missing, FactValue::String(String::new())],
-        ];
-        let (layout, expected) = encode_batch(4096, 2, &rows);
-        let mut buffer = vec![0xAA; layout.total_bytes()];
-        let heap = HeapSize::of_rows(&rows);
-        assert_eq!(encode_into(&mut buffer, 4096, 2, &rows, heap), layout);
-        assert_eq!(&buffer[..layout.out_offset()], &expected[..]);
-        assert!(buffer[layout.out_offset()..]
-            .iter()
-            .all(|&byte| byte == 0xAA));
-    }
-
-    #[test]
-    fn strings_point_into_the_heap_after_the_rows() {
-        let rows = vec![vec![FactValue::String("ab".into()), FactValue::Count(3)]];
-        let (layout, bytes) = encode_batch(1000, 2, &rows);
-        assert_eq!(layout.rows_bytes(), 32);
-        assert_eq!(layout.out_offset(), 34);
-        let first: [u8; 16] = bytes[0..16].try_into().unwrap();
-        let slot = Slot::from_bytes(&first);
-        assert_eq!(slot.tag, tag::STRING);
-        assert_eq!(slot.payload, 1032);
-        assert_eq!(&bytes[32..34], b"ab");
-        let second: [u8; 16] = bytes[16..32].try_into().unwrap();
-        assert_eq!(Slot::from_bytes(&second).payload, 3);
     }
 }

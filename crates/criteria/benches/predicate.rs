@@ -2,14 +2,19 @@
 //! reference evaluator and a hand-written native closure. Criterion reports throughput in users
 //! (evaluations) per second.
 //!
-//! `compiled_wasm_batch` is end to end (`Predicate::evaluate`: checking out a pooled instance,
-//! encoding the batch straight into guest memory, the guest loop and reading the results back).
-//! To see where that time goes, `host_encode_into` times `membrane_abi::encode_into` alone into
-//! an already-touched buffer (as the host does into a pooled instance's memory) and
-//! `compiled_wasm_one_user` the per-call fixed cost; the guest's share is what remains.
+//! Each evaluator starts from facts as gathered, in its natural form: the store gathers straight
+//! into a `FactBatch` (the ABI's slot layout), which is what the engine hands the predicate; the
+//! reference evaluator and the native closure read `FactValue` rows.
+//!
+//! `compiled_wasm_batch` is end to end (`Predicate::evaluate_batch`: checking out a pooled
+//! instance, copying each segment into guest memory and patching its string addresses, the
+//! guest loop and reading the results back). To see where that time goes, `host_write_into`
+//! times `Segment::write_into` alone into an already-touched buffer (as the host does into a
+//! pooled instance's memory) and `compiled_wasm_one_user` the per-call fixed cost; the guest's
+//! share is what remains.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use membrane_abi::{encode_into, Fact, FactValue, HeapSize, PropertyTest, SLOT_BYTES};
+use membrane_abi::{Fact, FactBatch, FactValue, PropertyTest};
 use membrane_criteria::ast::{CmpOp, Literal};
 use membrane_criteria::compile::compile;
 use membrane_criteria::eval::evaluate;
@@ -113,12 +118,16 @@ fn bench_composite(c: &mut Criterion) {
     let rows = users();
     let engine = Engine::new(Limits::default()).expect("engine starts");
     let predicate = engine.load(&compile(&plan).wasm).expect("predicate loads");
+    let batch = FactBatch::from_rows(plan.facts.len(), &rows);
 
     let expected: Vec<bool> = rows
         .iter()
         .map(|row| evaluate(&plan, row, NOW_MS))
         .collect();
-    assert_eq!(predicate.evaluate(&rows, NOW_MS).expect("runs"), expected);
+    assert_eq!(
+        predicate.evaluate_batch(&batch, NOW_MS).expect("runs"),
+        expected
+    );
     assert_eq!(
         rows.iter().map(|row| native(row)).collect::<Vec<_>>(),
         expected
@@ -129,12 +138,20 @@ fn bench_composite(c: &mut Criterion) {
     let mut group = c.benchmark_group("six_leaf_composite_10k_users");
     group.throughput(Throughput::Elements(USERS as u64));
     group.bench_function("compiled_wasm_batch", |b| {
-        b.iter(|| predicate.evaluate(black_box(&rows), NOW_MS).expect("runs"))
+        b.iter(|| {
+            predicate
+                .evaluate_batch(black_box(&batch), NOW_MS)
+                .expect("runs")
+        })
     });
-    let heap = HeapSize::of_rows(&rows);
-    let mut buffer = vec![0u8; plan.facts.len() * USERS * SLOT_BYTES + heap.bytes()];
-    group.bench_function("host_encode_into", |b| {
-        b.iter(|| encode_into(&mut buffer, 1024, plan.facts.len(), black_box(&rows), heap))
+    let segments = batch.segments();
+    let mut buffer = vec![0u8; segments[0].layout().total_bytes()];
+    group.bench_function("host_write_into", |b| {
+        b.iter(|| {
+            for segment in black_box(segments) {
+                segment.write_into(&mut buffer, 1024);
+            }
+        })
     });
     group.bench_function("reference_evaluator", |b| {
         b.iter(|| {
@@ -155,10 +172,11 @@ fn bench_composite(c: &mut Criterion) {
     group.finish();
 
     // Per-call fixed cost, reported per call rather than per user.
+    let one_user = FactBatch::from_rows(plan.facts.len(), &rows[..1]);
     c.bench_function("compiled_wasm_one_user", |b| {
         b.iter(|| {
             predicate
-                .evaluate(black_box(&rows[..1]), NOW_MS)
+                .evaluate_batch(black_box(&one_user), NOW_MS)
                 .expect("runs")
         })
     });

@@ -53,12 +53,15 @@ pub async fn evaluate_batch(
     }
     let facts = round.gather_facts(users, &bucket.facts, now).await?;
     let started = std::time::Instant::now();
-    let verdicts =
-        tokio::task::block_in_place(|| bucket.predicate.evaluate(&facts, now.timestamp_millis()))
-            .map_err(|source| EngineError::Predicate {
-            bucket: bucket.id().to_owned(),
-            source,
-        })?;
+    let verdicts = tokio::task::block_in_place(|| {
+        bucket
+            .predicate
+            .evaluate_batch(&facts, now.timestamp_millis())
+    })
+    .map_err(|source| EngineError::Predicate {
+        bucket: bucket.id().to_owned(),
+        source,
+    })?;
     let wasm = started.elapsed();
     let active = round.active_members(bucket.id(), users).await?;
     let rules = DwellRules::of(bucket);

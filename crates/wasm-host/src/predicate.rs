@@ -2,23 +2,18 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use membrane_abi::{encode_into, BatchLayout, FactManifest, FactValue, HeapSize, SLOT_BYTES};
+use membrane_abi::{FactBatch, FactManifest, FactValue, Segment};
 use wasmtime::{InstancePre, Memory, Store, TypedFunc};
 
 use crate::error::EvalError;
 use crate::sandbox::{classify, GuestLimiter};
 use crate::Shared;
 
-/// Most users handed to one `membrane_eval` call; bounds the work done under one time budget.
-/// Kept small so a chunk's rows, sized in one pass and encoded in the next, and its batch
-/// (about 200 KB for six facts) stay in a core's L2 cache; on the 6-leaf benchmark 2k-user
-/// chunks beat 16k-user ones by about 15%.
-const MAX_CHUNK_USERS: usize = 2 * 1024;
+/// Most batch bytes (rows, heap, results) per call, further bounded by a quarter of the memory
+/// cap so the guest keeps room for its own data.
+const MAX_CALL_BYTES: usize = 8 << 20;
 /// Longest explanation read from `membrane_last_error`; the rest is cut.
 const MAX_GUEST_MESSAGE_BYTES: usize = 1024;
-/// Most batch bytes (rows, strings, results) per call, further bounded by a quarter of the
-/// memory cap so the guest keeps room for its own data.
-const MAX_CHUNK_BYTES: usize = 8 << 20;
 /// Most idle instances a predicate keeps; enough for one per concurrent caller on a typical
 /// host, while bounding the guest memory kept resident.
 const MAX_IDLE_GUESTS: usize = 8;
@@ -80,7 +75,9 @@ impl Predicate {
     }
 
     /// Evaluates every row (one value per manifest fact, in manifest order) at instant
-    /// `now_ms` (Unix milliseconds). Returns one membership flag per row.
+    /// `now_ms` (Unix milliseconds). Returns one membership flag per row. Lays the rows out as
+    /// a [`FactBatch`] first; hosts that gather facts straight into one call
+    /// [`Predicate::evaluate_batch`].
     pub fn evaluate(&self, rows: &[Vec<FactValue>], now_ms: i64) -> Result<Vec<bool>, EvalError> {
         let facts = self.manifest.facts.len();
         if let Some((row, values)) = rows
@@ -94,19 +91,30 @@ impl Predicate {
                 expected: facts,
             });
         }
-        let mut results = Vec::with_capacity(rows.len());
-        if rows.is_empty() {
+        self.evaluate_batch(&FactBatch::from_rows(facts, rows), now_ms)
+    }
+
+    /// Evaluates a batch gathered in slot layout at instant `now_ms` (Unix milliseconds):
+    /// one guest call per segment, each handed over with two copies. Returns one membership
+    /// flag per user.
+    pub fn evaluate_batch(&self, batch: &FactBatch, now_ms: i64) -> Result<Vec<bool>, EvalError> {
+        let facts = self.manifest.facts.len();
+        if batch.facts() != facts {
+            return Err(EvalError::RowWidth {
+                row: 0,
+                found: batch.facts(),
+                expected: facts,
+            });
+        }
+        let mut results = Vec::with_capacity(batch.users());
+        if batch.users() == 0 {
             return Ok(results);
         }
         // On any error the guest is dropped with this frame instead of going back to the pool.
         let mut guest = self.checkout()?;
-        let byte_budget = MAX_CHUNK_BYTES.min(self.shared.limits.max_memory_bytes / 4);
-        let mut rest = rows;
-        while !rest.is_empty() {
-            let (users, heap) = next_chunk(rest, facts, byte_budget);
-            let (chunk_rows, tail) = rest.split_at(users);
-            guest.evaluate_chunk(chunk_rows, facts, heap, now_ms, results.len(), &mut results)?;
-            rest = tail;
+        let byte_budget = MAX_CALL_BYTES.min(self.shared.limits.max_memory_bytes / 4);
+        for segment in batch.segments() {
+            guest.evaluate_segment(segment, now_ms, byte_budget, &mut results)?;
         }
         self.check_in(guest);
         Ok(results)
@@ -210,24 +218,6 @@ fn optional_func<Params: wasmtime::WasmParams, Results: wasmtime::WasmResults>(
     }
 }
 
-/// How many leading rows of `rows` go into the next chunk (as many as fit the budgets, at
-/// least one) and what they put on the heap.
-fn next_chunk(rows: &[Vec<FactValue>], facts: usize, byte_budget: usize) -> (usize, HeapSize) {
-    let mut users = 0;
-    let mut heap = HeapSize::default();
-    for row in rows.iter().take(MAX_CHUNK_USERS) {
-        let grown_heap = heap.plus(HeapSize::of_row(row));
-        // Each row brings its slots and its result byte, besides its heap.
-        let grown_bytes = (users + 1) * (facts * SLOT_BYTES + 1) + grown_heap.bytes();
-        if users > 0 && grown_bytes > byte_budget {
-            break;
-        }
-        users += 1;
-        heap = grown_heap;
-    }
-    (users, heap)
-}
-
 /// One live, configured instance of a predicate, used by one `evaluate` call at a time.
 struct Guest {
     store: Store<GuestLimiter>,
@@ -314,36 +304,36 @@ impl Guest {
         Some(String::from_utf8_lossy(shown).into_owned())
     }
 
-    /// Evaluates one chunk, appending its results; `first_user` is the chunk's offset in the
-    /// whole batch, for error messages.
-    /// `heap` is what `rows` put on the heap.
-    fn evaluate_chunk(
+    /// Evaluates one segment, appending its results (`results` holds those of the users
+    /// before it). A segment over `byte_budget` bytes (long strings or arrays) goes in halves.
+    fn evaluate_segment(
         &mut self,
-        rows: &[Vec<FactValue>],
-        facts: usize,
-        heap: HeapSize,
+        segment: &Segment,
         now_ms: i64,
-        first_user: usize,
+        byte_budget: usize,
         results: &mut Vec<bool>,
     ) -> Result<(), EvalError> {
-        let chunk = BatchLayout {
-            users: rows.len(),
-            facts,
-            heap_bytes: heap.bytes(),
-        };
-        let total = chunk.total_bytes();
+        let layout = segment.layout();
+        if layout.total_bytes() > byte_budget && layout.users > 1 {
+            for half in segment.halves().segments() {
+                self.evaluate_segment(half, now_ms, byte_budget, results)?;
+            }
+            return Ok(());
+        }
+        let first_user = results.len();
+        let total = layout.total_bytes();
         let users =
-            i32::try_from(chunk.users).map_err(|_| EvalError::BatchTooLarge { bytes: total })?;
+            i32::try_from(layout.users).map_err(|_| EvalError::BatchTooLarge { bytes: total })?;
         let base = self.alloc_buffer(total)?;
 
         // `alloc_buffer` checked that `base` fits in 32 bits and the whole batch in memory.
         let buffer = &mut self.memory.data_mut(&mut self.store)[base..base + total];
-        let (batch, out_bytes) = buffer.split_at_mut(chunk.out_offset());
-        encode_into(batch, base as u32, facts, rows, heap);
+        let (batch, out_bytes) = buffer.split_at_mut(layout.out_offset());
+        segment.write_into(batch, base as u32);
         // A reused buffer holds the previous call's results; a guest that skips a user must
         // not pass them off as this call's.
         out_bytes.fill(0);
-        let out = base + chunk.out_offset();
+        let out = base + layout.out_offset();
 
         self.store.set_epoch_deadline(self.shared.deadline_ticks);
         let code = self
@@ -362,7 +352,7 @@ impl Guest {
         }
 
         // The guest may have grown (never shrunk) memory, so the result range is still in bounds.
-        let out_bytes = &self.memory.data(&self.store)[out..out + chunk.users];
+        let out_bytes = &self.memory.data(&self.store)[out..out + layout.users];
         if let Some((index, &byte)) = out_bytes.iter().enumerate().find(|(_, &byte)| byte > 1) {
             return Err(EvalError::BadResultByte {
                 user: first_user + index,

@@ -319,15 +319,28 @@ impl NodeCodegen<'_> {
             return;
         }
         let slot = SlotFields::of_fact(fact);
+        let bytes = literal.as_bytes();
         let mut sink = self.f.instructions();
         sink.i32_const(1);
-        for (index, byte) in literal.bytes().enumerate() {
-            sink.local_get(local::ROW)
-                .i32_load(slot.address())
-                .i32_load8_u(memory_arg(index as u64, 0))
-                .i32_const(i32::from(byte))
-                .i32_eq()
-                .i32_and();
+        // Widest loads first (8, 4, 2, 1 bytes), each reading only bytes of the string: a
+        // 3-byte literal is one 16-bit and one 8-bit comparison.
+        let mut offset = 0;
+        for width in [8, 4, 2, 1] {
+            while bytes.len() - offset >= width {
+                let mut word = [0u8; 8];
+                word[..width].copy_from_slice(&bytes[offset..offset + width]);
+                let word = u64::from_le_bytes(word);
+                let at = memory_arg(offset as u64, 0);
+                sink.local_get(local::ROW).i32_load(slot.address());
+                match width {
+                    8 => sink.i64_load(at).i64_const(word as i64).i64_eq(),
+                    4 => sink.i32_load(at).i32_const(word as u32 as i32).i32_eq(),
+                    2 => sink.i32_load16_u(at).i32_const(word as i32).i32_eq(),
+                    _ => sink.i32_load8_u(at).i32_const(word as i32).i32_eq(),
+                };
+                sink.i32_and();
+                offset += width;
+            }
         }
     }
 

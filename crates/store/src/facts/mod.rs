@@ -6,7 +6,7 @@ mod filter_sql;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use membrane_abi::{EventFilter, Fact, FactValue};
+use membrane_abi::{EventFilter, Fact, FactBatch, Slot, SlotValue};
 use serde_json::Value;
 
 use crate::round::Round;
@@ -27,27 +27,22 @@ struct CountFact<'a> {
 }
 
 impl Round {
-    /// Returns one row per user (in `users` order), one value per fact (in `facts` order).
+    /// Returns one row per user (in `users` order), one value per fact (in `facts` order),
+    /// written straight into the slot layout the predicate ABI hands to guests.
     pub async fn gather_facts(
         &mut self,
         users: &[String],
         facts: &[Fact],
         now: DateTime<Utc>,
-    ) -> Result<Vec<Vec<FactValue>>> {
+    ) -> Result<FactBatch> {
         // The oracle works in whole milliseconds; truncating `now` the same way makes window
         // edges agree for events at any precision.
         let now_ms = now.timestamp_millis();
         // Users without events or a contact row keep these values.
-        let blank: Vec<FactValue> = facts
-            .iter()
-            .map(|fact| match fact {
-                Fact::EventCount { .. } => FactValue::Count(0),
-                Fact::Property { .. } | Fact::PropertyTime { .. } => FactValue::Missing,
-            })
-            .collect();
-        let mut rows = vec![blank; users.len()];
+        let blank: Vec<Slot> = facts.iter().map(Fact::blank_slot).collect();
+        let mut batch = FactBatch::new(users.len(), &blank);
         if users.is_empty() {
-            return Ok(rows);
+            return Ok(batch);
         }
         let position: HashMap<&str, usize> = users
             .iter()
@@ -79,7 +74,7 @@ impl Round {
             for (user, per_fact) in counts {
                 if let Some(&row) = position.get(user.as_str()) {
                     for (fact, count) in count_facts.iter().zip(per_fact) {
-                        rows[row][fact.index] = FactValue::Count(count);
+                        batch.set(row, fact.index, SlotValue::Count(count));
                     }
                 }
             }
@@ -110,13 +105,15 @@ impl Round {
                 else {
                     continue;
                 };
-                rows[row][index] = match facts[index] {
-                    Fact::PropertyTime { .. } => property_time(&value),
-                    _ => exact_property(&value, number, element_numbers),
-                };
+                match facts[index] {
+                    Fact::PropertyTime { .. } => batch.set(row, index, property_time(&value)),
+                    _ => {
+                        set_exact_property(&mut batch, row, index, &value, number, element_numbers)
+                    }
+                }
             }
         }
-        Ok(rows)
+        Ok(batch)
     }
 }
 
@@ -152,40 +149,44 @@ const PROPERTIES_SQL: &str = "\
     CROSS JOIN LATERAL (SELECT c.properties -> k.key) AS v(value) \
     WHERE c.user_id = ANY($1) AND c.properties ? k.key";
 
-/// A property value whose numbers (at the top level and as array elements: all the ABI lays
-/// out) are Postgres's float8 readings.
-fn exact_property(
+/// Sets a property value whose numbers (at the top level and as array elements: all the ABI
+/// lays out) are Postgres's float8 readings.
+fn set_exact_property(
+    batch: &mut FactBatch,
+    user: usize,
+    fact: usize,
     value: &Value,
     number: Option<f64>,
     element_numbers: Option<Vec<Option<f64>>>,
-) -> FactValue {
-    match FactValue::from_json(Some(value)) {
-        FactValue::Number(parsed) => FactValue::Number(number.unwrap_or(parsed)),
-        FactValue::Array(items) => {
+) {
+    match value {
+        Value::Number(_) => match number {
+            Some(exact) => batch.set(user, fact, SlotValue::Number(exact)),
+            None => batch.set_json(user, fact, value),
+        },
+        Value::Array(items) => {
             let element_numbers = element_numbers.unwrap_or_default();
-            FactValue::Array(
-                items
-                    .into_iter()
-                    .enumerate()
-                    .map(
-                        |(i, item)| match element_numbers.get(i).copied().flatten() {
-                            Some(exact) => Value::from(exact),
-                            None => item,
-                        },
-                    )
-                    .collect(),
-            )
+            batch.set_array(
+                user,
+                fact,
+                items.iter().enumerate().map(|(i, item)| {
+                    match element_numbers.get(i).copied().flatten() {
+                        Some(exact) => SlotValue::Number(exact),
+                        None => SlotValue::of_json(item),
+                    }
+                }),
+            );
         }
-        other => other,
+        other => batch.set_json(user, fact, other),
     }
 }
 
 /// A contact property read as an RFC 3339 timestamp, with the parser the oracle uses.
-fn property_time(value: &Value) -> FactValue {
+fn property_time(value: &Value) -> SlotValue<'static> {
     value
         .as_str()
         .and_then(membrane_abi::parse_timestamp_ms)
-        .map_or(FactValue::Missing, FactValue::Timestamp)
+        .map_or(SlotValue::Missing, SlotValue::Timestamp)
 }
 
 /// One grouped scan over the batch's events of the named kinds, counting every fact at once:
