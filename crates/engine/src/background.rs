@@ -24,6 +24,7 @@ async fn pause(stopped: &mut watch::Receiver<bool>, period: Duration) -> bool {
 fn count(shared: &Shared, outcome: &Outcome) {
     let stats = &shared.stats;
     stats.evaluations.inc_by(outcome.evaluated);
+    stats.timers_armed.inc_by(outcome.timers_armed);
     if let Some(wasm) = outcome.wasm {
         stats.wasm_seconds.observe(wasm.as_secs_f64());
     }
@@ -39,7 +40,7 @@ fn count(shared: &Shared, outcome: &Outcome) {
     }
 }
 
-fn report(shared: &Shared, task: &str, error: &EngineError) {
+pub(crate) fn report(shared: &Shared, task: &str, error: &EngineError) {
     shared.stats.errors.inc();
     tracing::error!(task, "{error}");
 }
@@ -141,7 +142,7 @@ async fn realtime_round(shared: &Arc<Shared>) -> Result<usize, EngineError> {
 /// Evaluates `users` with `bucket`; when that version faults at run time it is quarantined and
 /// the version serving after that (its fallback, if any) evaluates them instead. Counts what
 /// was done.
-async fn evaluate_serving(
+pub(crate) async fn evaluate_serving(
     shared: &Shared,
     round: &mut Round,
     mut bucket: Arc<LoadedBucket>,

@@ -1,8 +1,12 @@
 //! Deciding memberships for a batch of users in one bucket: facts gathered set-based, the
 //! predicate run once over the whole batch in WASM, joins and leaves applied in the round.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, TimeDelta, Utc};
-use membrane_criteria::bucket::DwellMark;
+use membrane_criteria::bucket::{BucketBody, DwellMark, ReconcileJoins};
+use membrane_criteria::clock::{next_change_at, TimedFacts};
+use membrane_criteria::plan::Plan;
 use membrane_store::{ActiveMember, Applied, DwellDue, EntryRule, Round, Source};
 
 use crate::registry::LoadedBucket;
@@ -16,6 +20,8 @@ pub struct Outcome {
     pub left: Applied,
     /// `dwell` transitions written.
     pub dwell: i64,
+    /// Timers armed or moved.
+    pub timers_armed: u64,
     /// Time inside the predicate call, when one was made.
     pub wasm: Option<std::time::Duration>,
 }
@@ -40,7 +46,9 @@ impl Recording {
     }
 }
 
-/// Evaluates `users` against `bucket` at `now` and applies the difference to the round.
+/// Evaluates `users` against `bucket` at `now`, applies the difference to the round, and
+/// re-arms each user's timer in the bucket for the next instant anything can change for them
+/// with no new event (all in the round's transaction).
 pub async fn evaluate_batch(
     round: &mut Round,
     bucket: &LoadedBucket,
@@ -51,7 +59,16 @@ pub async fn evaluate_batch(
     if users.is_empty() {
         return Ok(Outcome::default());
     }
+    let clock = clock_plan(bucket);
     let facts = round.gather_facts(users, &bucket.facts, now).await?;
+    let window_events = match clock {
+        Some(_) => {
+            round
+                .gather_window_events(users, &bucket.facts, now)
+                .await?
+        }
+        None => Vec::new(),
+    };
     let started = std::time::Instant::now();
     let verdicts = tokio::task::block_in_place(|| {
         bucket
@@ -69,20 +86,46 @@ pub async fn evaluate_batch(
     let mut leaves = Vec::new();
     let mut expired = Vec::new();
     let mut marks = Vec::new();
-    for (user, member) in users.iter().zip(verdicts) {
+    // Each user's membership after this evaluation: `Some(entered_at)` while a member, with
+    // whether a criteria leave is waiting for min_dwell.
+    let mut after: Vec<Option<(DateTime<Utc>, bool)>> = Vec::with_capacity(users.len());
+    for (user, &member) in users.iter().zip(&verdicts) {
         let Some(current) = active.get(user) else {
             if member {
                 joins.push(user.clone());
+                after.push(Some((now, false)));
+            } else {
+                after.push(None);
             }
             continue;
         };
         let dwelt = now - current.entered_at;
         if rules.max.is_some_and(|max| dwelt >= max) {
             expired.push((user.clone(), current.epoch));
+            after.push(None);
         } else if !member && rules.min.is_none_or(|min| dwelt >= min) {
             leaves.push((user.clone(), current.epoch));
+            after.push(None);
         } else {
             rules.due_marks(current, now, &mut marks);
+            after.push(Some((current.entered_at, !member)));
+        }
+    }
+    if matches!(recording.source, Source::Timer | Source::Sweep) && !joins.is_empty() {
+        // The clock alone never re-admits a user max_dwell took out, and never joins at all
+        // when the bucket says `reconcile_joins = false`.
+        let refused: HashSet<String> = if bucket.def.reconcile_joins == ReconcileJoins::Never {
+            joins.iter().cloned().collect()
+        } else {
+            round.clock_rejoin_blocked(bucket.id(), &joins).await?
+        };
+        if !refused.is_empty() {
+            joins.retain(|user| !refused.contains(user));
+            for (user, state) in users.iter().zip(after.iter_mut()) {
+                if refused.contains(user) {
+                    *state = None;
+                }
+            }
         }
     }
     let joined = round
@@ -110,13 +153,50 @@ pub async fn evaluate_batch(
     left.memberships += forced.memberships;
     left.transitions += forced.transitions;
     let dwell = round.dwell(bucket.id(), &marks, recording.source).await?;
+
+    let now_ms = now.timestamp_millis();
+    let mut window_events = window_events.into_iter();
+    let due: Vec<Option<DateTime<Utc>>> = facts
+        .into_iter()
+        .zip(after)
+        .map(|(values, membership)| {
+            let criteria = clock.and_then(|plan| {
+                let timed = TimedFacts {
+                    values,
+                    window_events: window_events.next().unwrap_or_default(),
+                };
+                let criteria_can_act =
+                    membership.is_some() || bucket.def.reconcile_joins != ReconcileJoins::Never;
+                criteria_can_act
+                    .then(|| next_change_at(plan, &timed, now_ms))
+                    .flatten()
+                    .and_then(DateTime::from_timestamp_millis)
+            });
+            let dwell = membership
+                .and_then(|(entered_at, deferred)| rules.next_instant(entered_at, deferred, now));
+            [criteria, dwell].into_iter().flatten().min()
+        })
+        .collect();
+    let timers_armed = round
+        .arm_timers(bucket.id(), users, &due, now + crate::timers::LONGEST_SLEEP)
+        .await?;
     Ok(Outcome {
         evaluated: users.len() as u64,
         joined,
         left,
         dwell,
+        timers_armed,
         wasm: Some(wasm),
     })
+}
+
+/// The criteria of a bucket whose membership can flip with no event, for [`next_change_at`].
+/// Plugins declare no criteria the host can see: sweeps cover them.
+fn clock_plan(bucket: &LoadedBucket) -> Option<&Plan> {
+    match &bucket.def.body {
+        BucketBody::Criteria { plan, .. } if plan.time_based => Some(plan),
+        _ => None,
+    }
 }
 
 /// A bucket's time-in-bucket rules, as durations.
@@ -142,6 +222,39 @@ impl<'a> DwellRules<'a> {
             marks: &bucket.def.dwell,
             every: bucket.def.dwell_every_secs.map(duration),
         }
+    }
+
+    /// The next instant after `now` at which time in the bucket alone changes something for a
+    /// member who entered at `entered_at`: the max_dwell deadline, the next `dwell` or
+    /// `dwell_every` mark, and the end of min_dwell when a leave is `deferred` until then.
+    fn next_instant(
+        &self,
+        entered_at: DateTime<Utc>,
+        deferred: bool,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        let after = |delta: TimeDelta| entered_at.checked_add_signed(delta);
+        let deadline = self.max.and_then(after);
+        let deferral_ends = self.min.filter(|_| deferred).and_then(after);
+        let mark = self
+            .marks
+            .iter()
+            .filter_map(|dwell| after(TimeDelta::seconds(dwell.secs as i64)))
+            .find(|at| *at > now);
+        let tick = self
+            .every
+            .filter(|every| *every > TimeDelta::zero())
+            .and_then(|every| {
+                let ticks = (now - entered_at).num_milliseconds() / every.num_milliseconds();
+                every
+                    .checked_mul(i32::try_from(ticks + 1).ok()?)
+                    .and_then(after)
+            });
+        [deadline, deferral_ends, mark, tick]
+            .into_iter()
+            .flatten()
+            .filter(|at| *at > now)
+            .min()
     }
 
     /// The `dwell` transitions whose instant has come for `member`, each at its exact instant.

@@ -1,11 +1,12 @@
-//! The running engine: the bucket registry with hot reload, the real-time evaluator, sweeps,
-//! backfills and heartbeats. All coordination with other engine processes goes through
+//! The running engine: the bucket registry with hot reload, the real-time evaluator, durable
+//! timers, sweeps, backfills and heartbeats. All coordination with other engine processes goes through
 //! Postgres; nothing here assumes it is the only engine.
 
 mod background;
 pub mod evaluate;
 pub mod registry;
 mod reload;
+mod timers;
 pub mod webhooks;
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use membrane_store::Store;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -94,6 +96,17 @@ pub struct Stats {
     pub errors: Counter,
     /// Seconds spent inside predicate calls (one observation per bucket batch).
     pub wasm_seconds: Histogram,
+    /// Timers armed or moved to a new instant.
+    pub timers_armed: Counter,
+    /// Due timers claimed and evaluated by this engine.
+    pub timers_fired: Counter,
+    /// Fired timers that changed nothing (per bucket batch: fired minus memberships changed and
+    /// dwell marks written): their user had been evaluated since, or the bucket moved on.
+    pub timers_stale: Counter,
+    /// Seconds from a timer's instant to the instant it was evaluated.
+    pub timer_lag_seconds: Histogram,
+    /// Timers due and not yet fired, as this engine last counted them.
+    pub timers_due: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,6 +125,12 @@ impl Default for Stats {
             errors: Counter::default(),
             // 10 µs .. ~1.3 s
             wasm_seconds: Histogram::new(exponential_buckets(1e-5, 4.0, 9)),
+            timers_armed: Counter::default(),
+            timers_fired: Counter::default(),
+            timers_stale: Counter::default(),
+            // 1 ms .. ~65 s
+            timer_lag_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 17)),
+            timers_due: Gauge::default(),
         }
     }
 }
@@ -131,6 +150,10 @@ impl Stats {
             "sweeps": self.sweeps.get(),
             "reloads": self.reloads.get(),
             "errors": self.errors.get(),
+            "timers_armed": self.timers_armed.get(),
+            "timers_fired": self.timers_fired.get(),
+            "timers_stale": self.timers_stale.get(),
+            "timers_due": self.timers_due.get(),
         })
     }
 
@@ -171,6 +194,32 @@ impl Stats {
             "Time inside predicate calls, per bucket batch",
             prometheus_client::registry::Unit::Seconds,
             self.wasm_seconds.clone(),
+        );
+        registry.register(
+            "membrane_timers_armed",
+            "Timers armed or moved to a new instant",
+            self.timers_armed.clone(),
+        );
+        registry.register(
+            "membrane_timers_fired",
+            "Due timers claimed and evaluated",
+            self.timers_fired.clone(),
+        );
+        registry.register(
+            "membrane_timers_stale",
+            "Fired timers whose evaluation changed nothing",
+            self.timers_stale.clone(),
+        );
+        registry.register_with_unit(
+            "membrane_timer_lag",
+            "Time from a timer's instant to its evaluation",
+            prometheus_client::registry::Unit::Seconds,
+            self.timer_lag_seconds.clone(),
+        );
+        registry.register(
+            "membrane_timers_due",
+            "Timers due and not yet fired",
+            self.timers_due.clone(),
         );
     }
 }
@@ -250,6 +299,7 @@ pub async fn start(store: Store, config: EngineConfig) -> Result<EngineHandle, E
     tasks.spawn(watcher);
     tasks.spawn(background::realtime(shared.clone(), stopped.clone()));
     tasks.spawn(background::sweeps(shared.clone(), stopped.clone()));
+    tasks.spawn(timers::fire(shared.clone(), stopped.clone()));
     tasks.spawn(background::backfills(shared.clone(), stopped.clone()));
     tasks.spawn(webhooks::deliver(shared.clone(), stopped.clone()));
     tasks.spawn(background::heartbeats(shared.clone(), stopped));

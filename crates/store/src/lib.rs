@@ -9,6 +9,7 @@ pub mod membership;
 pub mod reads;
 pub mod round;
 pub mod testing;
+pub mod timers;
 pub mod webhooks;
 
 pub use buckets::{BucketSwitch, BucketVersion, SweepRun};
@@ -16,6 +17,7 @@ pub use ingest::{IngestOutcome, Message, QUEUE_CHANNEL};
 pub use membership::{ActiveMember, Applied, DwellDue, EntryRule, Source, TRANSITIONS_CHANNEL};
 pub use reads::{QueueLag, TransitionRow};
 pub use round::{QueuedUser, Round};
+pub use timers::{DueTimer, TimerClaim, TIMERS_CHANNEL};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 

@@ -2,6 +2,7 @@
 //! statements whatever the batch size. `membrane_criteria::eval::gather_from_raw` is the oracle.
 
 mod filter_sql;
+mod timed;
 
 use std::collections::HashMap;
 

@@ -1,0 +1,207 @@
+//! Durable timers: one row per (bucket, user) holding the next instant anything about that user
+//! in that bucket can change with no new event. Rounds re-arm them for every user they evaluate;
+//! the engine's timer task claims the due ones. A row is only written by a round that holds the
+//! user's contact lock, so claiming a timer is locking its user.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+
+use crate::round::Round;
+use crate::{Result, Store};
+
+/// Channel notified (on commit) when a round arms a timer due soon; the payload is its instant
+/// in Unix milliseconds, so a sleeping timer task can wake earlier.
+pub const TIMERS_CHANNEL: &str = "membrane_timers";
+
+/// A timer that has come due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueTimer {
+    pub bucket_id: String,
+    pub user_id: String,
+    pub due_at: DateTime<Utc>,
+}
+
+/// What one claim found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TimerClaim {
+    /// Due timers whose users this round now holds, earliest first.
+    pub claimed: Vec<DueTimer>,
+    /// Due timers seen (at most the claim's limit), including those whose user another round
+    /// holds: when it reaches the limit, more may be due.
+    pub seen: usize,
+}
+
+impl Round {
+    /// Sets the timer of each of `users` in `bucket_id` to the matching instant of `due`, or
+    /// removes it where that is `None`, in one statement. Users without a contact row (which no
+    /// round can lock) get no timer. When a timer is armed or moved to an instant before
+    /// `notify_before`, the timer task is told on commit. Returns how many were armed or moved.
+    pub async fn arm_timers(
+        &mut self,
+        bucket_id: &str,
+        users: &[String],
+        due: &[Option<DateTime<Utc>>],
+        notify_before: DateTime<Utc>,
+    ) -> Result<u64> {
+        if users.is_empty() {
+            return Ok(0);
+        }
+        let (armed, earliest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
+            "WITH wanted AS ( \
+                 SELECT DISTINCT ON (user_id) user_id, due_at \
+                 FROM unnest($2::text[], $3::timestamptz[]) AS w(user_id, due_at)), \
+             removed AS ( \
+                 DELETE FROM timers t USING wanted w \
+                 WHERE t.bucket_id = $1 AND t.user_id = w.user_id AND w.due_at IS NULL), \
+             armed AS ( \
+                 INSERT INTO timers (bucket_id, user_id, due_at) \
+                 SELECT $1, w.user_id, w.due_at FROM wanted w JOIN contacts c USING (user_id) \
+                 WHERE w.due_at IS NOT NULL \
+                 ON CONFLICT (bucket_id, user_id) DO UPDATE SET due_at = EXCLUDED.due_at \
+                 WHERE timers.due_at IS DISTINCT FROM EXCLUDED.due_at \
+                 RETURNING due_at) \
+             SELECT count(*), min(due_at) FROM armed",
+        )
+        .bind(bucket_id)
+        .bind(users)
+        .bind(due)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        if let Some(earliest) = earliest.filter(|at| *at < notify_before) {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(TIMERS_CHANNEL)
+                .bind(earliest.timestamp_millis().to_string())
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        Ok(armed as u64)
+    }
+
+    /// Claims up to `limit` timers of `buckets` due at `now`, earliest first, by locking their
+    /// users' contact rows (in user order, skipping users another round holds: it is
+    /// evaluating them and will re-arm or leave the timer for the next claim).
+    pub async fn claim_due_timers(
+        &mut self,
+        buckets: &[String],
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<TimerClaim> {
+        let rows: Vec<(String, String, DateTime<Utc>, i64)> = sqlx::query_as(
+            "WITH due AS MATERIALIZED ( \
+                 SELECT t.bucket_id, t.user_id, t.due_at \
+                 FROM unnest($1::text[]) AS b(id) \
+                 CROSS JOIN LATERAL ( \
+                     SELECT bucket_id, user_id, due_at FROM timers \
+                     WHERE bucket_id = b.id AND due_at <= $2 \
+                     ORDER BY due_at LIMIT $3) AS t \
+                 ORDER BY t.due_at LIMIT $3), \
+             locked AS MATERIALIZED ( \
+                 SELECT user_id FROM contacts \
+                 WHERE user_id IN (SELECT user_id FROM due) \
+                 ORDER BY user_id FOR UPDATE SKIP LOCKED) \
+             SELECT d.bucket_id, d.user_id, d.due_at, (SELECT count(*) FROM due) \
+             FROM due d JOIN locked l USING (user_id) \
+             ORDER BY d.due_at",
+        )
+        .bind(buckets)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let seen = match rows.first() {
+            Some(&(_, _, _, seen)) => seen as usize,
+            // Nothing locked: tell "nothing due" from "all held by others".
+            None => {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM (SELECT 1 FROM timers \
+                     WHERE bucket_id = ANY($1) AND due_at <= $2 LIMIT $3) AS due",
+                )
+                .bind(buckets)
+                .bind(now)
+                .bind(limit)
+                .fetch_one(&mut *self.tx)
+                .await? as usize
+            }
+        };
+        Ok(TimerClaim {
+            claimed: rows
+                .into_iter()
+                .map(|(bucket_id, user_id, due_at, _)| DueTimer {
+                    bucket_id,
+                    user_id,
+                    due_at,
+                })
+                .collect(),
+            seen,
+        })
+    }
+
+    /// Those of `users` whose last membership of `bucket_id` ended by `max_dwell` with no event
+    /// received and no property changed since: the clock alone must not bring them back.
+    pub async fn clock_rejoin_blocked(
+        &mut self,
+        bucket_id: &str,
+        users: &[String],
+    ) -> Result<HashSet<String>> {
+        if users.is_empty() {
+            return Ok(HashSet::new());
+        }
+        // Compared with the leave's own commit-side clock (`created_at`), as ingest stamps
+        // `received_at` and `updated_at` with the database's clock too.
+        let blocked: Vec<String> = sqlx::query_scalar(
+            "SELECT u.user_id FROM unnest($2::text[]) AS u(user_id) \
+             CROSS JOIN LATERAL ( \
+                 SELECT epoch FROM memberships m \
+                 WHERE m.bucket_id = $1 AND m.user_id = u.user_id \
+                 ORDER BY epoch DESC LIMIT 1) AS last \
+             JOIN transitions t ON t.key = 'bucket:' || $1 || ':' || u.user_id || ':left:' || last.epoch \
+             WHERE t.reason = 'max_dwell' \
+               AND NOT EXISTS (SELECT 1 FROM events e \
+                               WHERE e.user_id = u.user_id AND e.received_at > t.created_at) \
+               AND NOT EXISTS (SELECT 1 FROM contacts c \
+                               WHERE c.user_id = u.user_id AND c.updated_at > t.created_at)",
+        )
+        .bind(bucket_id)
+        .bind(users)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(blocked.into_iter().collect())
+    }
+}
+
+impl Store {
+    /// The earliest timer of `buckets`, due or not.
+    pub async fn earliest_timer(&self, buckets: &[String]) -> Result<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar(
+            "SELECT min(t.due_at) FROM unnest($1::text[]) AS b(id) \
+             CROSS JOIN LATERAL (SELECT due_at FROM timers WHERE bucket_id = b.id \
+                                 ORDER BY due_at LIMIT 1) AS t",
+        )
+        .bind(buckets)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// How many timers of `buckets` are due at `now`.
+    pub async fn due_timer_count(&self, buckets: &[String], now: DateTime<Utc>) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM timers WHERE bucket_id = ANY($1) AND due_at <= $2",
+        )
+        .bind(buckets)
+        .bind(now)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// The timer of `user_id` in `bucket_id`, if armed.
+    pub async fn timer_of(&self, bucket_id: &str, user_id: &str) -> Result<Option<DateTime<Utc>>> {
+        Ok(
+            sqlx::query_scalar("SELECT due_at FROM timers WHERE bucket_id = $1 AND user_id = $2")
+                .bind(bucket_id)
+                .bind(user_id)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+}

@@ -1,0 +1,288 @@
+//! What the store gathers for the clock against the oracle: random users with random events go
+//! into a real database, and `Round::gather_window_events` must return, for every user and
+//! every windowed count, exactly the event instants that
+//! `membrane_criteria::clock::timed_facts_from_raw` lists (as multisets), and nothing for
+//! other facts. Events sit on and beside window edges, at sub-millisecond precision (the
+//! oracle reads instants rounded down to the millisecond), and `.where` filters apply.
+//!
+//! Run longer with e.g. `PROPTEST_CASES=5000 cargo test -p membrane-store --test timed_oracle`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use membrane_abi::{CmpOp, EventFilter, Fact, Literal, PropertyTest};
+use membrane_criteria::clock::timed_facts_from_raw;
+use membrane_criteria::eval::RawEvent;
+use membrane_store::testing::fresh_database;
+use membrane_store::Store;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use serde_json::{Map, Value};
+
+const DEFAULT_CASES: u32 = 500;
+const EVENT_NAMES: [&str; 2] = ["a", "b"];
+const PLANS: [&str; 3] = ["pro", "basic", "probe"];
+const WINDOWS_SECS: [u64; 3] = [1, 60, 86_400];
+/// 2025-06-01T00:00:00Z; each case's `now` lies within about 11 days after it.
+const BASE_NOW_US: i64 = 1_748_736_000_000_000;
+
+/// One stored event: the oracle's view plus the microseconds below its millisecond.
+#[derive(Debug, Clone)]
+struct Event {
+    raw: RawEvent,
+    sub_ms_us: i64,
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    now: DateTime<Utc>,
+    users: Vec<Vec<Event>>,
+    facts: Vec<Fact>,
+}
+
+fn filter() -> impl Strategy<Value = EventFilter> {
+    let test = prop_oneof![
+        prop::sample::select(PLANS.to_vec()).prop_map(|plan| PropertyTest::Compare {
+            cmp: CmpOp::Eq,
+            value: Literal::Str(plan.to_owned()),
+        }),
+        Just(PropertyTest::StartsWith {
+            value: "pro".to_owned()
+        }),
+        Just(PropertyTest::Exists),
+    ]
+    .prop_map(|test| EventFilter::Test {
+        key: "plan".to_owned(),
+        test,
+    });
+    prop_oneof![
+        2 => test.clone(),
+        1 => test.prop_map(|filter| EventFilter::Not { filter: Box::new(filter) }),
+    ]
+}
+
+fn fact() -> impl Strategy<Value = Fact> {
+    let count = (
+        prop::sample::select(EVENT_NAMES.to_vec()),
+        prop::option::weighted(0.8, prop::sample::select(WINDOWS_SECS.to_vec())),
+        prop::option::weighted(0.5, filter()),
+    )
+        .prop_map(|(event, within_secs, filter)| Fact::EventCount {
+            event: event.to_owned(),
+            within_secs,
+            filter,
+        });
+    prop_oneof![
+        4 => count,
+        1 => Just(Fact::Property { key: "plan".to_owned() }),
+    ]
+}
+
+/// Offsets from `now` in ms: on a window's edge or 1 ms beside it, else anywhere from two days
+/// back to an hour ahead (future events count in every window).
+fn offset_ms() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        3 => (
+            prop::sample::select(WINDOWS_SECS.to_vec()),
+            prop::sample::select(vec![-1i64, 0, 1]),
+        )
+            .prop_map(|(window, nudge)| -(window as i64) * 1000 + nudge),
+        1 => -2 * 86_400_000i64..3_600_000,
+    ]
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    let event = (
+        prop::sample::select(EVENT_NAMES.to_vec()),
+        offset_ms(),
+        0i64..1000,
+        prop::option::of(prop::sample::select(PLANS.to_vec())),
+    );
+    (
+        BASE_NOW_US..BASE_NOW_US + 1_000_000_000_000,
+        prop::collection::vec(prop::collection::vec(event, 0..10), 1..5),
+        prop::collection::vec(fact(), 1..5),
+    )
+        .prop_map(|(now_us, users, facts)| {
+            let now = DateTime::from_timestamp_micros(now_us).unwrap_or_default();
+            let now_ms = now.timestamp_millis();
+            let users = users
+                .into_iter()
+                .map(|events| {
+                    events
+                        .into_iter()
+                        .map(|(name, offset_ms, sub_ms_us, plan)| Event {
+                            raw: RawEvent {
+                                name: name.to_owned(),
+                                occurred_at_ms: now_ms + offset_ms,
+                                properties: plan
+                                    .map(|plan| ("plan".to_owned(), Value::from(plan)))
+                                    .into_iter()
+                                    .collect(),
+                            },
+                            sub_ms_us,
+                        })
+                        .collect()
+                })
+                .collect();
+            Case { now, users, facts }
+        })
+}
+
+/// Writes a case's users under fresh ids (cases share one database) and returns the ids.
+async fn insert(store: &Store, users: &[Vec<Event>]) -> Result<Vec<String>, sqlx::Error> {
+    static NEXT_CASE: AtomicU64 = AtomicU64::new(0);
+    let case = NEXT_CASE.fetch_add(1, Ordering::Relaxed);
+    let ids: Vec<String> = (0..users.len())
+        .map(|i| format!("case{case}-user{i}"))
+        .collect();
+    let (mut event_users, mut names, mut times, mut properties) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (id, events) in ids.iter().zip(users) {
+        for event in events {
+            event_users.push(id.clone());
+            names.push(event.raw.name.clone());
+            times.push(
+                DateTime::from_timestamp_micros(event.raw.occurred_at_ms * 1000 + event.sub_ms_us)
+                    .expect("generated times are near now"),
+            );
+            properties.push(Value::Object(event.raw.properties.clone()));
+        }
+    }
+    sqlx::query(
+        "INSERT INTO events (user_id, name, occurred_at, properties) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::jsonb[])",
+    )
+    .bind(&event_users)
+    .bind(&names)
+    .bind(&times)
+    .bind(&properties)
+    .execute(store.pool())
+    .await?;
+    Ok(ids)
+}
+
+async fn check(store: &Store, case: &Case) -> Result<(), TestCaseError> {
+    let ids = insert(store, &case.users)
+        .await
+        .map_err(|error| TestCaseError::fail(format!("insert: {error}")))?;
+    let mut round = store
+        .begin_round()
+        .await
+        .map_err(|error| TestCaseError::fail(format!("begin: {error}")))?;
+    let gathered = round
+        .gather_window_events(&ids, &case.facts, case.now)
+        .await
+        .map_err(|error| TestCaseError::fail(format!("gather_window_events: {error}")))?;
+    prop_assert_eq!(gathered.len(), case.users.len());
+    let now_ms = case.now.timestamp_millis();
+    for ((events, id), row) in case.users.iter().zip(&ids).zip(gathered) {
+        let raw: Vec<RawEvent> = events.iter().map(|event| event.raw.clone()).collect();
+        let expected = timed_facts_from_raw(&case.facts, &raw, &Map::new(), now_ms).window_events;
+        prop_assert_eq!(row.len(), case.facts.len());
+        for ((fact, mut want), mut got) in case.facts.iter().zip(expected).zip(row) {
+            want.sort_unstable();
+            got.sort_unstable();
+            prop_assert_eq!(
+                got,
+                want,
+                "user {} fact {:?}\nevents {:#?}",
+                id,
+                fact,
+                events
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn window_events_equal_the_oracle() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let database = runtime
+        .block_on(fresh_database())
+        .expect("a fresh test database");
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(DEFAULT_CASES);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        ..Config::default()
+    });
+    let outcome = runner.run(&case(), |case| {
+        runtime.block_on(check(&database.store, &case))
+    });
+    if let Err(failure) = outcome {
+        panic!("{failure}");
+    }
+}
+
+/// A hand-checked batch: the edge of a 1 s window at sub-millisecond `now`, a filter, an
+/// unwindowed count (never listed) and a user without events.
+#[test]
+fn window_edges_are_exact() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let database = fresh_database().await.expect("a fresh test database");
+        let now = DateTime::from_timestamp_micros(BASE_NOW_US + 999).expect("valid instant");
+        let now_ms = now.timestamp_millis();
+        let event = |offset_ms: i64, plan: &str| Event {
+            raw: RawEvent {
+                name: "a".into(),
+                occurred_at_ms: now_ms + offset_ms,
+                properties: [("plan".to_owned(), Value::from(plan))]
+                    .into_iter()
+                    .collect(),
+            },
+            sub_ms_us: 999,
+        };
+        let users = vec![
+            vec![event(-1000, "pro"), event(-1001, "pro"), event(0, "basic")],
+            vec![],
+        ];
+        let facts = vec![
+            Fact::EventCount {
+                event: "a".into(),
+                within_secs: Some(1),
+                filter: None,
+            },
+            Fact::EventCount {
+                event: "a".into(),
+                within_secs: Some(1),
+                filter: Some(EventFilter::Test {
+                    key: "plan".into(),
+                    test: PropertyTest::StartsWith { value: "p".into() },
+                }),
+            },
+            Fact::EventCount {
+                event: "a".into(),
+                within_secs: None,
+                filter: None,
+            },
+        ];
+        let case = Case { now, users, facts };
+        check(&database.store, &case).await.expect("oracle agrees");
+
+        let ids = insert(&database.store, &case.users).await.expect("insert");
+        let mut round = database.store.begin_round().await.expect("round");
+        let mut gathered = round
+            .gather_window_events(&ids, &case.facts, now)
+            .await
+            .expect("gather");
+        gathered[0][0].sort_unstable();
+        assert_eq!(
+            gathered,
+            vec![
+                vec![vec![now_ms - 1000, now_ms], vec![now_ms - 1000], vec![]],
+                vec![vec![], vec![], vec![]],
+            ]
+        );
+    });
+}
