@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `membrane` binary, real Postgres, real WASM.
 
+mod chaos;
 mod check;
 mod console;
 mod hot_reload;

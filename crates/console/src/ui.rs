@@ -207,6 +207,10 @@ fn status_span(bucket: &BucketSummary) -> Span<'static> {
         ("error", false) => "error·off".red().bold(),
         ("removed", _) => "removed".dark_gray(),
         (_, false) => "disabled".yellow(),
+        ("ok", true) if !bucket.backfilled => match &bucket.backfill {
+            Some(progress) => format!("fill {}%", progress.percent()).yellow(),
+            None => "fill …".yellow(),
+        },
         (status, true) => status.to_owned().green(),
     }
 }
@@ -493,8 +497,16 @@ fn detail_facts(
             Span::raw(" in the last minute"),
         ]));
     }
-    let backfill = match &detail.backfilled_hash {
-        Some(hash) if *hash == detail.criteria_hash => "backfilled".green(),
+    let progress = summary.and_then(|bucket| bucket.backfill.as_ref());
+    let backfill = match (&detail.backfilled_hash, progress) {
+        (Some(hash), _) if *hash == detail.criteria_hash => "backfilled".green(),
+        (_, Some(progress)) => format!(
+            "backfill {}% ({}/{} users)",
+            progress.percent(),
+            progress.users_done,
+            progress.total_estimate
+        )
+        .yellow(),
         _ => "backfill pending".yellow(),
     };
     lines.push(Line::from(vec![

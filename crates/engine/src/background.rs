@@ -1,12 +1,13 @@
 //! The engine's long-running tasks. Each loops until the stop signal, and a failing round is
 //! logged and retried rather than ending the task: Postgres rolls the round back.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use membrane_store::{EntryRule, Round, Source, SweepRun, QUEUE_CHANNEL};
+use membrane_abi::Fact;
+use membrane_store::{BucketSwitch, BucketWork, EntryRule, Round, Source, SweepRun, QUEUE_CHANNEL};
 use tokio::sync::watch;
 
 use crate::evaluate::{evaluate_batch, Outcome, Recording};
@@ -213,8 +214,12 @@ async fn quarantine(
     Ok(shared.registry.load().buckets.get(id).cloned())
 }
 
-/// Re-checks the members of every enabled bucket that moves with the clock, on an interval: a
-/// window edge, `min_dwell`, `max_dwell` and dwell marks all come due with no event arriving.
+/// The backstop of the clock: on an interval, every enabled bucket that moves with the clock
+/// is re-checked set-based — its members, and for time-based criteria its candidates too (see
+/// [`membrane_store::Store::sweep_page`]) — so anything a timer missed (a window edge, an
+/// absence join, `min_dwell`, `max_dwell`, dwell marks) happens within one interval. Engines
+/// split the buckets between them: each bucket is swept under an advisory lock by one engine
+/// at a time, and a bucket another engine swept within the last half interval is left alone.
 pub(crate) async fn sweeps(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
     loop {
         if pause(&mut stopped, shared.config.sweep_interval).await {
@@ -229,10 +234,10 @@ pub(crate) async fn sweeps(shared: Arc<Shared>, mut stopped: watch::Receiver<boo
             }
         };
         for bucket in registry.buckets.values() {
-            if !bucket.moves_with_the_clock()
-                || !bucket.enabled(&switches)
-                || !bucket.recorded(&switches)
-            {
+            if *stopped.borrow() {
+                return;
+            }
+            if !bucket.moves_with_the_clock() || !ready_for_the_clock(bucket, &switches) {
                 continue;
             }
             if let Err(error) = sweep_bucket(&shared, bucket).await {
@@ -242,32 +247,68 @@ pub(crate) async fn sweeps(shared: Arc<Shared>, mut stopped: watch::Receiver<boo
     }
 }
 
+/// Enabled, this engine's version is the recorded one, and its backfill is done: clock-driven
+/// changes wait for the backfill (it materializes the members they would act on).
+fn ready_for_the_clock(bucket: &LoadedBucket, switches: &HashMap<String, BucketSwitch>) -> bool {
+    bucket.enabled(switches)
+        && bucket.recorded(switches)
+        && switches
+            .get(bucket.id())
+            .is_some_and(|switch| switch.backfilled_hash.as_deref() == Some(&bucket.hash))
+}
+
 async fn sweep_bucket(shared: &Shared, bucket: &Arc<LoadedBucket>) -> Result<(), EngineError> {
+    let store = &shared.store;
+    let Some(lock) = store
+        .try_lock_bucket(BucketWork::Sweep, bucket.id())
+        .await?
+    else {
+        return Ok(()); // another engine is sweeping it
+    };
+    if store
+        .swept_within(bucket.id(), shared.config.sweep_interval / 2)
+        .await?
+    {
+        return Ok(lock.release().await?);
+    }
+    // Only time-based criteria can admit someone with no event; dwell rules act on members.
+    let candidates = bucket.time_based.then(|| mentioned_facts(bucket));
     let started_at = Utc::now();
     let mut total = Outcome::default();
     let mut after = String::new();
     loop {
-        let page = shared
-            .store
-            .members_page(bucket.id(), &after, shared.config.page_size)
-            .await?;
+        let page = match &candidates {
+            Some((events, keys)) => {
+                store
+                    .sweep_page(bucket.id(), events, keys, &after, shared.config.page_size)
+                    .await?
+            }
+            None => {
+                store
+                    .members_page(bucket.id(), &after, shared.config.page_size)
+                    .await?
+            }
+        };
         let Some(last) = page.last() else { break };
         after = last.clone();
-        let mut round = shared.store.begin_round().await?;
+        let mut round = store.begin_round().await?;
         round.lock_users(&page).await?;
+        if !round.still_serving(bucket.id(), &bucket.hash).await? {
+            break; // disabled, removed or replaced since the sweep began
+        }
         let outcome =
             evaluate_serving(shared, &mut round, bucket.clone(), &page, Utc::now(), |b| {
                 Recording::live(b, Source::Sweep)
             })
             .await?;
         round.commit().await?;
+        count_found_work(shared, &outcome);
         total.evaluated += outcome.evaluated;
         total.joined.memberships += outcome.joined.memberships;
         total.left.memberships += outcome.left.memberships;
     }
     shared.stats.sweeps.inc();
-    shared
-        .store
+    store
         .record_sweep(&SweepRun {
             bucket_id: bucket.id().to_owned(),
             engine_id: shared.config.engine_id.clone(),
@@ -278,7 +319,40 @@ async fn sweep_bucket(shared: &Shared, bucket: &Arc<LoadedBucket>) -> Result<(),
             left_count: total.left.memberships,
         })
         .await?;
-    Ok(())
+    Ok(lock.release().await?)
+}
+
+/// The event names and property keys a bucket reads: a user with none of them is blank to it.
+fn mentioned_facts(bucket: &LoadedBucket) -> (Vec<String>, Vec<String>) {
+    let mut events = Vec::new();
+    let mut keys = Vec::new();
+    for fact in &bucket.facts {
+        let (list, name) = match fact {
+            Fact::EventCount { event, .. } => (&mut events, event),
+            Fact::Property { key } | Fact::PropertyTime { key } => (&mut keys, key),
+        };
+        if !list.contains(name) {
+            list.push(name.clone());
+        }
+    }
+    (events, keys)
+}
+
+/// Every change a sweep makes is one a timer should have made at its instant.
+fn count_found_work(shared: &Shared, outcome: &Outcome) {
+    for (kind, found) in [
+        ("joined", outcome.joined.memberships),
+        ("left", outcome.left.memberships),
+        ("dwell", outcome.dwell),
+    ] {
+        if found > 0 {
+            shared
+                .stats
+                .sweep_found_work
+                .get_or_create(&TransitionKind { kind })
+                .inc_by(found as u64);
+        }
+    }
 }
 
 /// Materializes the members of new and changed bucket versions: every known user evaluated
@@ -310,17 +384,28 @@ pub(crate) async fn backfills(shared: Arc<Shared>, mut stopped: watch::Receiver<
         tokio::select! {
             _ = stopped.changed() => return,
             _ = shared.backfill_due.notified() => {}
-            // A failed backfill is retried, and another engine's reload is noticed.
+            // A failed or interrupted backfill is retried, and another engine's reload or a
+            // backfill another engine left unfinished (it died) is noticed.
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
 }
 
+/// Backfills one bucket version under its advisory lock, resuming where the last engine to
+/// work on it stopped: each page commits its memberships together with the cursor, so after a
+/// crash no page is lost and none is applied twice.
 async fn backfill_bucket(
     shared: &Shared,
     bucket: &Arc<LoadedBucket>,
     first_version: bool,
 ) -> Result<(), EngineError> {
+    let store = &shared.store;
+    let Some(lock) = store
+        .try_lock_bucket(BucketWork::Backfill, bucket.id())
+        .await?
+    else {
+        return Ok(()); // another engine is backfilling it
+    };
     let started = std::time::Instant::now();
     let recording = Recording {
         source: Source::Backfill,
@@ -332,17 +417,23 @@ async fn backfill_bucket(
         join_reason: "backfill",
         leave_reason: "criteria_changed",
     };
-    let mut after = String::new();
+    let progress = store.resume_backfill(bucket.id(), &bucket.hash).await?;
+    if progress.finished_at.is_some() {
+        // Finished by another engine since this one read the switches.
+        return Ok(lock.release().await?);
+    }
+    let mut after = progress.cursor;
     let mut total = Outcome::default();
-    loop {
-        let page = shared
-            .store
-            .users_page(&after, shared.config.page_size)
-            .await?;
-        let Some(last) = page.last() else { break };
-        after = last.clone();
-        let mut round = shared.store.begin_round().await?;
+    let finished = loop {
+        let page = store.users_page(&after, shared.config.page_size).await?;
+        let Some(last) = page.last().cloned() else {
+            break true;
+        };
+        let mut round = store.begin_round().await?;
         round.lock_users(&page).await?;
+        if !round.still_serving(bucket.id(), &bucket.hash).await? {
+            break false; // disabled or replaced: the cursor keeps the place
+        }
         // A user whose unprocessed change touches this bucket joins as the real-time path
         // would have it, announced; the rest join as the backfill records them.
         let announced: HashSet<String> = round
@@ -352,6 +443,7 @@ async fn backfill_bucket(
             .filter(|change| bucket.affected_by(change))
             .map(|change| change.user_id)
             .collect();
+        let users = page.len() as i64;
         let (live, quiet): (Vec<String>, Vec<String>) =
             page.into_iter().partition(|user| announced.contains(user));
         let now = Utc::now();
@@ -364,19 +456,27 @@ async fn backfill_bucket(
             total.evaluated += outcome.evaluated;
             total.joined.memberships += outcome.joined.memberships;
         }
+        round
+            .advance_backfill(bucket.id(), &bucket.hash, &last, users)
+            .await?;
+        round.commit().await?;
+        after = last;
+    };
+    if finished {
+        let mut round = store.begin_round().await?;
+        round.mark_backfilled(bucket.id(), &bucket.hash).await?;
         round.commit().await?;
     }
-    let mut round = shared.store.begin_round().await?;
-    round.mark_backfilled(bucket.id(), &bucket.hash).await?;
-    round.commit().await?;
     tracing::info!(
         bucket = %bucket.id(),
         users = total.evaluated,
         members = total.joined.memberships,
+        resumed_after = progress.users_done,
+        finished,
         elapsed_ms = started.elapsed().as_millis() as u64,
-        "backfill done"
+        "backfill pass"
     );
-    Ok(())
+    Ok(lock.release().await?)
 }
 
 /// Publishes this engine's liveness and counters for the console.

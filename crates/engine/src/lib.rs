@@ -92,6 +92,8 @@ pub struct Stats {
     pub evaluations: Counter,
     pub transitions: Family<TransitionKind, Counter>,
     pub sweeps: Counter,
+    /// Changes a sweep made, by kind (`joined`, `left`, `dwell`): work a timer should have done.
+    pub sweep_found_work: Family<TransitionKind, Counter>,
     pub reloads: Counter,
     pub errors: Counter,
     /// Seconds spent inside predicate calls (one observation per bucket batch).
@@ -121,6 +123,7 @@ impl Default for Stats {
             evaluations: Counter::default(),
             transitions: Family::default(),
             sweeps: Counter::default(),
+            sweep_found_work: Family::default(),
             reloads: Counter::default(),
             errors: Counter::default(),
             // 10 µs .. ~1.3 s
@@ -178,6 +181,11 @@ impl Stats {
             "membrane_sweeps",
             "Bucket sweeps completed",
             self.sweeps.clone(),
+        );
+        registry.register(
+            "membrane_sweep_found_work",
+            "Changes sweeps made that a timer should have made, by kind",
+            self.sweep_found_work.clone(),
         );
         registry.register(
             "membrane_reloads",

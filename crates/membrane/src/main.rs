@@ -1,6 +1,7 @@
 //! The `membrane` command line: check bucket files, run the engine, watch it in the console,
 //! import events, and run the demo.
 
+mod bench;
 mod demo;
 mod import;
 mod serve;
@@ -66,6 +67,21 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
     },
+    /// Switch a bucket on: every engine evaluates it again from its next round.
+    Enable {
+        #[command(flatten)]
+        db: Database,
+        /// The bucket id, as `membrane status` lists it.
+        bucket: String,
+    },
+    /// Switch a bucket off: every engine stops evaluating it at once (real time, sweeps,
+    /// backfills, timers); its members and transitions stay.
+    Disable {
+        #[command(flatten)]
+        db: Database,
+        /// The bucket id, as `membrane status` lists it.
+        bucket: String,
+    },
     /// Open the console on a database an engine writes to.
     Console {
         #[command(flatten)]
@@ -91,6 +107,11 @@ enum Command {
     Demo {
         #[command(flatten)]
         options: demo::DemoOptions,
+    },
+    /// Benchmarks and torture runs of the real engine.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
     },
 }
 
@@ -140,6 +161,8 @@ async fn dispatch(command: Command) -> Result<std::process::ExitCode> {
                 .with_context(|| format!("cannot connect to {}", redact(&db.database_url)))?;
             return status(&store, format).await;
         }
+        Command::Enable { db, bucket } => return switch_bucket(&db, &bucket, true).await,
+        Command::Disable { db, bucket } => return switch_bucket(&db, &bucket, false).await,
         Command::Console { db } => {
             let store = Store::connect(&db.database_url)
                 .await
@@ -156,6 +179,10 @@ async fn dispatch(command: Command) -> Result<std::process::ExitCode> {
             webhooks::run(&store, command).await?;
         }
         Command::Demo { options } => demo::run(options).await?,
+        Command::Bench { command } => {
+            init_logs(None);
+            return bench::run(command).await;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -262,6 +289,32 @@ fn check(paths: &[PathBuf], format: Format) -> std::process::ExitCode {
     }
 }
 
+/// Sets a bucket's enable switch; exit code 1 when no such bucket is recorded.
+async fn switch_bucket(
+    db: &Database,
+    bucket: &str,
+    enabled: bool,
+) -> Result<std::process::ExitCode> {
+    let store = Store::connect(&db.database_url)
+        .await
+        .with_context(|| format!("cannot connect to {}", redact(&db.database_url)))?;
+    let found = membrane_store::console::set_bucket_enabled(&store, bucket, enabled)
+        .await
+        .with_context(|| format!("cannot switch bucket `{bucket}`"))?;
+    if !found {
+        eprintln!(
+            "error: no bucket `{bucket}` in {}\n  = help: `membrane status` lists the buckets the engines recorded",
+            redact(&db.database_url)
+        );
+        return Ok(std::process::ExitCode::from(1));
+    }
+    println!(
+        "bucket `{bucket}` {}",
+        if enabled { "enabled" } else { "disabled" }
+    );
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 /// Exit code 1 when any bucket's latest version failed to load or faulted.
 async fn status(store: &Store, format: Format) -> Result<std::process::ExitCode> {
     let snapshot = membrane_store::console::snapshot(store, 0).await?;
@@ -274,8 +327,12 @@ async fn status(store: &Store, format: Format) -> Result<std::process::ExitCode>
                     "disabled"
                 };
                 println!(
-                    "{:<24} {:<8} {:<9} {:>9} members",
-                    bucket.id, bucket.status, switch, bucket.member_count
+                    "{:<24} {:<8} {:<9} {:>9} members{}",
+                    bucket.id,
+                    bucket.status,
+                    switch,
+                    bucket.member_count,
+                    backfill_note(bucket)
                 );
                 if let Some(error) = &bucket.last_error {
                     for line in error.lines() {
@@ -292,6 +349,12 @@ async fn status(store: &Store, format: Format) -> Result<std::process::ExitCode>
                     serde_json::json!({
                         "id": b.id, "status": b.status, "enabled": b.enabled,
                         "members": b.member_count, "last_error": b.last_error,
+                        "backfilled": b.backfilled,
+                        "backfill": b.backfill.as_ref().map(|p| serde_json::json!({
+                            "percent": p.percent(), "users_done": p.users_done,
+                            "total_estimate": p.total_estimate, "started_at": p.started_at,
+                            "finished_at": p.finished_at,
+                        })),
                     })
                 })
                 .collect();
@@ -304,4 +367,20 @@ async fn status(store: &Store, format: Format) -> Result<std::process::ExitCode>
     } else {
         std::process::ExitCode::SUCCESS
     })
+}
+
+/// `  backfill 42% (4200/10000 users)` while the serving version's backfill runs.
+fn backfill_note(bucket: &membrane_store::console::BucketSummary) -> String {
+    if bucket.backfilled || bucket.status == "removed" {
+        return String::new();
+    }
+    match &bucket.backfill {
+        Some(progress) => format!(
+            "  backfill {}% ({}/{} users)",
+            progress.percent(),
+            progress.users_done,
+            progress.total_estimate
+        ),
+        None => "  backfill pending".to_owned(),
+    }
 }

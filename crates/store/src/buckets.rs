@@ -122,6 +122,129 @@ impl Store {
         .await?)
     }
 
+    /// The next page of a sweep that also re-checks candidates: the users after `after`, in
+    /// user order, `limit` at most, that are active members of `bucket_id` or have an event
+    /// named in `event_names` or a property key in `prop_keys`.
+    ///
+    /// This is exact for candidates: criteria are false for a blank user, so a user with none
+    /// of the facts a bucket reads can never satisfy it, and one with any of them might (an
+    /// absence criterion joins when a mentioned event ages out of its window). It is cheap: a
+    /// keyset walk of `contacts` with one index probe of `events (user_id, name, ...)` per
+    /// user, merged with the member index. A user whose last membership ended by `max_dwell`
+    /// is left out unless an event or property change arrived after that leave: the clock
+    /// alone never re-admits them.
+    pub async fn sweep_page(
+        &self,
+        bucket_id: &str,
+        event_names: &[String],
+        prop_keys: &[String],
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "WITH members AS ( \
+                 SELECT user_id FROM memberships \
+                 WHERE bucket_id = $1 AND status = 'active' AND user_id > $2 \
+                 ORDER BY user_id LIMIT $3), \
+             candidates AS ( \
+                 SELECT c.user_id FROM contacts c \
+                 WHERE c.user_id > $2 \
+                   AND (c.properties ?| $5 \
+                        OR EXISTS (SELECT 1 FROM events e \
+                                   WHERE e.user_id = c.user_id AND e.name = ANY($4))) \
+                   AND NOT EXISTS ( \
+                       SELECT 1 FROM memberships m \
+                       JOIN transitions t \
+                         ON t.key = 'bucket:' || $1 || ':' || m.user_id || ':left:' || m.epoch \
+                       WHERE m.bucket_id = $1 AND m.user_id = c.user_id AND m.status = 'left' \
+                         AND t.reason = 'max_dwell' \
+                         AND m.epoch = (SELECT max(l.epoch) FROM memberships l \
+                                        WHERE l.bucket_id = $1 AND l.user_id = c.user_id) \
+                         AND c.updated_at <= m.left_at \
+                         AND NOT EXISTS (SELECT 1 FROM events n \
+                                         WHERE n.user_id = c.user_id AND n.received_at > m.left_at)) \
+                 ORDER BY c.user_id LIMIT $3) \
+             SELECT user_id FROM (SELECT user_id FROM members UNION SELECT user_id FROM candidates) AS u \
+             ORDER BY user_id LIMIT $3",
+        )
+        .bind(bucket_id)
+        .bind(after)
+        .bind(limit)
+        .bind(event_names)
+        .bind(prop_keys)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Whether `bucket_id` was swept in the last `within`: another engine has done this round
+    /// of the backstop, so this one leaves it.
+    pub async fn swept_within(&self, bucket_id: &str, within: std::time::Duration) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT coalesce((SELECT finished_at > now() - make_interval(secs => $2) \
+                              FROM sweep_runs WHERE bucket_id = $1 ORDER BY id DESC LIMIT 1), false)",
+        )
+        .bind(bucket_id)
+        .bind(within.as_secs_f64())
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// Takes the session-level advisory lock of `work` on `bucket_id` if no other session
+    /// holds it. `None`: another engine is doing that work on that bucket now.
+    pub async fn try_lock_bucket(
+        &self,
+        work: BucketWork,
+        bucket_id: &str,
+    ) -> Result<Option<BucketLock>> {
+        let mut connection = self.pool().acquire().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+            .bind(work as i32)
+            .bind(bucket_id)
+            .fetch_one(&mut *connection)
+            .await?;
+        Ok(locked.then(|| BucketLock {
+            connection: Some(connection),
+            work,
+            bucket_id: bucket_id.to_owned(),
+        }))
+    }
+
+    /// Where the backfill of `criteria_hash` stands, starting it (with the number of known
+    /// users as its total) if it has not started. The progress of every other version of the
+    /// bucket is dropped: its cursor would be wrong once this version has evaluated anyone.
+    pub async fn resume_backfill(
+        &self,
+        bucket_id: &str,
+        criteria_hash: &str,
+    ) -> Result<BackfillProgress> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("DELETE FROM backfill_progress WHERE bucket_id = $1 AND criteria_hash <> $2")
+            .bind(bucket_id)
+            .bind(criteria_hash)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO backfill_progress (bucket_id, criteria_hash, total_estimate) \
+             SELECT $1, $2, count(*) FROM contacts \
+             ON CONFLICT (bucket_id, criteria_hash) DO NOTHING",
+        )
+        .bind(bucket_id)
+        .bind(criteria_hash)
+        .execute(&mut *tx)
+        .await?;
+        let progress = sqlx::query_as(
+            "SELECT bucket_id, criteria_hash, cursor, users_done, total_estimate, started_at, \
+                    finished_at \
+             FROM backfill_progress WHERE bucket_id = $1 AND criteria_hash = $2",
+        )
+        .bind(bucket_id)
+        .bind(criteria_hash)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(progress)
+    }
+
     /// Active members of `bucket_id` after `after` in user order: the pages of a sweep.
     pub async fn members_page(
         &self,
@@ -170,12 +293,123 @@ pub struct SweepRun {
     pub left_count: i64,
 }
 
+/// Work on one bucket that at most one engine does at a time; the value is the first key of
+/// its advisory lock (the second is the bucket id's hash; a collision only serializes two
+/// buckets' work).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketWork {
+    Sweep = 0x6d62_0001,
+    Backfill = 0x6d62_0002,
+}
+
+/// A held advisory lock on one bucket's [`BucketWork`]. Release it with
+/// [`BucketLock::release`]; dropped unreleased (an error or a panic on the way), its
+/// connection is closed rather than returned to the pool, which releases the lock too.
+#[derive(Debug)]
+pub struct BucketLock {
+    connection: Option<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+    work: BucketWork,
+    bucket_id: String,
+}
+
+impl BucketLock {
+    pub async fn release(mut self) -> Result<()> {
+        if let Some(mut connection) = self.connection.take() {
+            sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+                .bind(self.work as i32)
+                .bind(&self.bucket_id)
+                .execute(&mut *connection)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BucketLock {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            drop(connection.detach());
+        }
+    }
+}
+
+/// How far the backfill of one bucket version has come.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct BackfillProgress {
+    pub bucket_id: String,
+    pub criteria_hash: String,
+    /// The last user id done, in user order ("" before the first page).
+    pub cursor: String,
+    pub users_done: i64,
+    /// Known users when the backfill started.
+    pub total_estimate: i64,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl BackfillProgress {
+    /// Whole percent done, 100 only when finished (users that arrived after the start can push
+    /// `users_done` past the estimate).
+    pub fn percent(&self) -> i64 {
+        if self.finished_at.is_some() {
+            return 100;
+        }
+        let total = self.total_estimate.max(self.users_done).max(1);
+        (self.users_done * 100 / total).min(99)
+    }
+}
+
 impl Round {
+    /// Whether `bucket_id` is still enabled by the operator, not removed, and recorded at
+    /// `criteria_hash`: read by every page of a sweep or backfill, so a disable or a newer
+    /// version stops it at the next page.
+    pub async fn still_serving(&mut self, bucket_id: &str, criteria_hash: &str) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT coalesce((SELECT enabled AND status <> 'removed' AND criteria_hash = $2 \
+                              FROM buckets WHERE id = $1), false)",
+        )
+        .bind(bucket_id)
+        .bind(criteria_hash)
+        .fetch_one(&mut *self.tx)
+        .await?)
+    }
+
+    /// Advances the backfill of `criteria_hash` past `users`, a page ending at `cursor`, in the
+    /// page's own transaction: the page's memberships and its progress commit together.
+    pub async fn advance_backfill(
+        &mut self,
+        bucket_id: &str,
+        criteria_hash: &str,
+        cursor: &str,
+        users: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE backfill_progress SET cursor = $3, users_done = users_done + $4, \
+                    updated_at = now() \
+             WHERE bucket_id = $1 AND criteria_hash = $2",
+        )
+        .bind(bucket_id)
+        .bind(criteria_hash)
+        .bind(cursor)
+        .bind(users)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
     /// Records that `criteria_hash`'s members are materialized, unless the bucket moved on.
     pub async fn mark_backfilled(&mut self, bucket_id: &str, criteria_hash: &str) -> Result<()> {
         sqlx::query(
             "UPDATE buckets SET backfilled_hash = $2, updated_at = now() \
              WHERE id = $1 AND criteria_hash = $2",
+        )
+        .bind(bucket_id)
+        .bind(criteria_hash)
+        .execute(&mut *self.tx)
+        .await?;
+        sqlx::query(
+            "UPDATE backfill_progress SET finished_at = now(), updated_at = now() \
+             WHERE bucket_id = $1 AND criteria_hash = $2 AND finished_at IS NULL",
         )
         .bind(bucket_id)
         .bind(criteria_hash)

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, Row};
 
-pub use crate::buckets::SweepRun;
+pub use crate::buckets::{BackfillProgress, SweepRun};
 pub use crate::reads::TransitionRow;
 use crate::{Result, Store};
 
@@ -51,6 +51,10 @@ pub struct BucketSummary {
     pub left_1m: i64,
     pub updated_at: DateTime<Utc>,
     pub last_sweep: Option<SweepRun>,
+    /// The members of the version serving now are materialized.
+    pub backfilled: bool,
+    /// The progress of that version's backfill, once one started (kept when it finished).
+    pub backfill: Option<BackfillProgress>,
 }
 
 #[derive(Debug, Clone, PartialEq, FromRow)]
@@ -187,8 +191,8 @@ search (lo, hi) AS (
 )
 SELECT max(lo) FROM search";
 
-/// Buckets with their last-minute entered/left counts (from transition id `$1` on) and their
-/// latest sweep.
+/// Buckets with their last-minute entered/left counts (from transition id `$1` on), their
+/// latest sweep and the backfill of the version serving now.
 const BUCKETS_WITH_RATES_AND_LAST_SWEEP: &str = "
 WITH recent AS (
     SELECT bucket_id,
@@ -205,9 +209,15 @@ SELECT b.id, b.description, b.enabled, b.status, b.last_error, b.time_based, b.m
        sweep.id AS sweep_id, sweep.engine_id AS sweep_engine_id,
        sweep.started_at AS sweep_started_at, sweep.finished_at AS sweep_finished_at,
        sweep.checked AS sweep_checked, sweep.joined AS sweep_joined,
-       sweep.left_count AS sweep_left_count
+       sweep.left_count AS sweep_left_count,
+       b.backfilled_hash IS NOT DISTINCT FROM b.criteria_hash AS backfilled,
+       fill.criteria_hash AS fill_hash, fill.cursor AS fill_cursor,
+       fill.users_done AS fill_users_done, fill.total_estimate AS fill_total_estimate,
+       fill.started_at AS fill_started_at, fill.finished_at AS fill_finished_at
 FROM buckets b
 LEFT JOIN recent ON recent.bucket_id = b.id
+LEFT JOIN backfill_progress fill
+       ON fill.bucket_id = b.id AND fill.criteria_hash = b.criteria_hash
 LEFT JOIN LATERAL (
     SELECT * FROM sweep_runs s WHERE s.bucket_id = b.id ORDER BY s.id DESC LIMIT 1
 ) AS sweep ON true
@@ -227,6 +237,18 @@ fn bucket_summary_from_row(row: &PgRow) -> Result<BucketSummary, sqlx::Error> {
             left_count: row.try_get("sweep_left_count")?,
         }),
     };
+    let backfill = match row.try_get::<Option<String>, _>("fill_hash")? {
+        None => None,
+        Some(criteria_hash) => Some(BackfillProgress {
+            bucket_id: id.clone(),
+            criteria_hash,
+            cursor: row.try_get("fill_cursor")?,
+            users_done: row.try_get("fill_users_done")?,
+            total_estimate: row.try_get("fill_total_estimate")?,
+            started_at: row.try_get("fill_started_at")?,
+            finished_at: row.try_get("fill_finished_at")?,
+        }),
+    };
     Ok(BucketSummary {
         id,
         description: row.try_get("description")?,
@@ -239,6 +261,8 @@ fn bucket_summary_from_row(row: &PgRow) -> Result<BucketSummary, sqlx::Error> {
         left_1m: row.try_get("left_1m")?,
         updated_at: row.try_get("updated_at")?,
         last_sweep,
+        backfilled: row.try_get("backfilled")?,
+        backfill,
     })
 }
 

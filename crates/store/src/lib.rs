@@ -1,6 +1,7 @@
 //! Every SQL statement membrane runs lives in this crate: migrations, ingest, the evaluation
 //! queue, fact gathering, memberships and the transitions outbox, bucket state and console reads.
 
+pub mod audit;
 pub mod buckets;
 pub mod console;
 pub mod facts;
@@ -12,7 +13,9 @@ pub mod testing;
 pub mod timers;
 pub mod webhooks;
 
-pub use buckets::{BucketSwitch, BucketVersion, SweepRun};
+pub use buckets::{
+    BackfillProgress, BucketLock, BucketSwitch, BucketVersion, BucketWork, SweepRun,
+};
 pub use ingest::{IngestOutcome, Message, QUEUE_CHANNEL};
 pub use membership::{ActiveMember, Applied, DwellDue, EntryRule, Source, TRANSITIONS_CHANNEL};
 pub use reads::{QueueLag, TransitionRow};

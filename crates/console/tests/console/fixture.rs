@@ -36,6 +36,8 @@ fn bucket(id: &str, description: &str, member_count: i64) -> BucketSummary {
         left_1m: 0,
         updated_at: ago(3_600),
         last_sweep: None,
+        backfilled: true,
+        backfill: None,
     }
 }
 
