@@ -3,7 +3,10 @@
 mod check;
 mod console;
 mod hot_reload;
+mod import;
 mod live;
 mod plugins;
+mod segment_client;
 mod support;
+mod webhook_tls;
 mod webhooks;

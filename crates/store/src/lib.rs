@@ -4,6 +4,7 @@
 pub mod buckets;
 pub mod console;
 pub mod facts;
+pub mod imports;
 pub mod ingest;
 pub mod membership;
 pub mod reads;
@@ -12,6 +13,7 @@ pub mod testing;
 pub mod webhooks;
 
 pub use buckets::{BucketSwitch, BucketVersion, SweepRun};
+pub use imports::{ImportCheckpoint, ImportFile, ImportProgress};
 pub use ingest::{IngestOutcome, Message, QUEUE_CHANNEL};
 pub use membership::{ActiveMember, Applied, DwellDue, EntryRule, Source, TRANSITIONS_CHANNEL};
 pub use reads::{QueueLag, TransitionRow};
