@@ -8,8 +8,13 @@
 //! and a failure blocks the line, with exponential backoff, until the delivery succeeds or
 //! exhausts its attempts and becomes a dead letter, after which the line moves on. A dead
 //! letter stays visible (`membrane webhooks dead`) until replayed.
+//!
+//! Endpoints may be `http://` or `https://`. HTTPS uses rustls and trusts the bundled public
+//! (Mozilla) roots, plus, for an endpoint registered with its own CA certificates
+//! (`--ca-file`), those.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -96,6 +101,64 @@ impl Signer {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("not PEM certificates: {0}")]
+    Unreadable(String),
+    #[error("no `-----BEGIN CERTIFICATE-----` block in it")]
+    NoCertificate,
+}
+
+/// Parses an endpoint's CA certificates (one or more PEM blocks).
+pub fn parse_ca_pem(pem: &str) -> Result<Vec<reqwest::Certificate>, CaError> {
+    let certificates = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+        .map_err(|e| CaError::Unreadable(e.to_string()))?;
+    if certificates.is_empty() {
+        return Err(CaError::NoCertificate);
+    }
+    Ok(certificates)
+}
+
+/// HTTP clients for deliveries: one trusting the public roots, and one per distinct set of
+/// endpoint CA certificates (built on first use, then reused for its connection pool).
+struct Clients {
+    timeout: Duration,
+    public: reqwest::Client,
+    by_ca: Mutex<HashMap<String, reqwest::Client>>,
+}
+
+impl Clients {
+    fn new(timeout: Duration) -> reqwest::Result<Clients> {
+        Ok(Clients {
+            timeout,
+            public: reqwest::Client::builder().timeout(timeout).build()?,
+            by_ca: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The client for an endpoint; an error says why its CA certificates are unusable.
+    fn for_endpoint(&self, ca_pem: Option<&str>) -> Result<reqwest::Client, String> {
+        let Some(pem) = ca_pem else {
+            return Ok(self.public.clone());
+        };
+        let mut by_ca = self
+            .by_ca
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(client) = by_ca.get(pem) {
+            return Ok(client.clone());
+        }
+        let invalid = |e: &dyn std::fmt::Display| format!("the endpoint's CA certificates: {e}");
+        let mut builder = reqwest::Client::builder().timeout(self.timeout);
+        for certificate in parse_ca_pem(pem).map_err(|e| invalid(&e))? {
+            builder = builder.add_root_certificate(certificate);
+        }
+        let client = builder.build().map_err(|e| invalid(&e))?;
+        by_ca.insert(pem.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
 /// A fresh random secret in the specification's format.
 pub fn generate_secret() -> String {
     let key: [u8; GENERATED_KEY_BYTES] = rand::random();
@@ -138,11 +201,8 @@ fn backoff(config: &WebhookConfig, failures: u32) -> Duration {
 /// so several endpoints are still served at once.
 pub(crate) async fn deliver(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
     let config = shared.config.webhooks.clone();
-    let client = match reqwest::Client::builder()
-        .timeout(config.request_timeout)
-        .build()
-    {
-        Ok(client) => client,
+    let clients = match Clients::new(config.request_timeout) {
+        Ok(clients) => Arc::new(clients),
         Err(error) => {
             tracing::error!("webhook delivery disabled: cannot build an HTTP client: {error}");
             return;
@@ -153,7 +213,7 @@ pub(crate) async fn deliver(shared: Arc<Shared>, mut stopped: watch::Receiver<bo
     for _ in 0..config.concurrency.max(1) {
         deliverers.spawn(deliverer(
             shared.clone(),
-            client.clone(),
+            clients.clone(),
             wake.clone(),
             stopped.clone(),
         ));
@@ -188,7 +248,7 @@ pub(crate) async fn deliver(shared: Arc<Shared>, mut stopped: watch::Receiver<bo
 
 async fn deliverer(
     shared: Arc<Shared>,
-    client: reqwest::Client,
+    clients: Arc<Clients>,
     wake: Arc<Notify>,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -203,7 +263,7 @@ async fn deliverer(
                     // Another endpoint may be due too. (A wake-up nobody waits for is kept
                     // as a permit, so none is lost while every deliverer is busy.)
                     wake.notify_one();
-                    if let Err(error) = attempt(&shared, &client, claimed).await {
+                    if let Err(error) = attempt(&shared, &clients, claimed).await {
                         report(&error);
                     }
                 }
@@ -229,7 +289,7 @@ fn report(error: &membrane_store::StoreError) {
 /// Sends one delivery and records its outcome in the claim's transaction.
 async fn attempt(
     shared: &Shared,
-    client: &reqwest::Client,
+    clients: &Clients,
     claimed: ClaimedDelivery,
 ) -> Result<(), membrane_store::StoreError> {
     let config = &shared.config.webhooks;
@@ -242,6 +302,10 @@ async fn attempt(
     let signer = match Signer::new(&claimed.secret) {
         Ok(signer) => signer,
         Err(error) => return claimed.failed(&error.to_string(), None, retry).await,
+    };
+    let client = match clients.for_endpoint(claimed.ca_pem.as_deref()) {
+        Ok(client) => client,
+        Err(error) => return claimed.failed(&error, None, retry).await,
     };
     let message_id = claimed.transition.key.clone();
     let body = payload(&claimed.transition).to_string();
@@ -266,7 +330,7 @@ async fn attempt(
             format!("no response within {:?}", config.request_timeout),
             None,
         ),
-        Err(error) => (error.to_string(), None),
+        Err(error) => (error_chain(&error), None),
     };
     tracing::warn!(
         endpoint = claimed.endpoint_id,
@@ -275,6 +339,18 @@ async fn attempt(
         "webhook delivery failed: {error}"
     );
     claimed.failed(&error, status, retry).await
+}
+
+/// An error with its causes: reqwest's own message hides why a TLS handshake failed.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -167,11 +167,11 @@ async fn every_transition_arrives_verified_in_order_despite_failures_and_a_crash
         },
     );
     let flaky_endpoint = store
-        .add_webhook_endpoint(&serve(flaky.clone()).await, &flaky_secret)
+        .add_webhook_endpoint(&serve(flaky.clone()).await, &flaky_secret, None)
         .await
         .unwrap();
     let poisoned_endpoint = store
-        .add_webhook_endpoint(&serve(poisoned.clone()).await, &poisoned_secret)
+        .add_webhook_endpoint(&serve(poisoned.clone()).await, &poisoned_secret, None)
         .await
         .unwrap();
 

@@ -21,6 +21,8 @@
 //!   JSON), nesting 32 levels, event names 200 characters, user ids 256 characters (400).
 //! - Content type: none, `application/json`, `*+json` or `text/plain` (what `sendBeacon` sends);
 //!   anything else is 415.
+//! - Content encoding: none or `gzip` (analytics-python's `gzip=True`); the 512 KiB limit holds
+//!   for the body both as sent and inflated. Any other encoding is 415.
 //!
 //! A request is validated whole before anything is written: a bad field anywhere gets
 //! `{"error": {"message": ..., "pointer": ...}}` naming it by RFC 6901 JSON pointer (`""` for
@@ -184,6 +186,23 @@ impl From<BytesRejection> for ApiError {
     }
 }
 
+impl From<segment::BodyError> for ApiError {
+    fn from(error: segment::BodyError) -> ApiError {
+        let status = match error {
+            segment::BodyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            segment::BodyError::CorruptGzip(_) => StatusCode::BAD_REQUEST,
+            segment::BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        };
+        ApiError::with_pointer(
+            status,
+            FieldError {
+                pointer: String::new(),
+                message: error.to_string(),
+            },
+        )
+    }
+}
+
 impl From<membrane_store::StoreError> for ApiError {
     fn from(error: membrane_store::StoreError) -> ApiError {
         tracing::error!("request failed in the store: {error}");
@@ -323,9 +342,16 @@ async fn ingest(
     body: Result<Bytes, BytesRejection>,
     shape: Shape,
 ) -> Result<Json<Value>, ApiError> {
-    let value = body
-        .map_err(ApiError::from)
-        .and_then(|bytes| parse_body(&bytes));
+    let value = body.map_err(ApiError::from).and_then(|bytes| {
+        let encoding = headers
+            .get(header::CONTENT_ENCODING)
+            .map(|value| String::from_utf8_lossy(value.as_bytes()));
+        parse_body(&segment::decode_body(
+            encoding.as_deref(),
+            &bytes,
+            MAX_BODY_BYTES,
+        )?)
+    });
     // Segment also takes the write key in the body, as browsers sending `text/plain` do.
     let presented = header_credential(headers).or_else(|| {
         let body = value.as_ref().ok()?;

@@ -3,6 +3,9 @@
 //! Every check names the offending field by RFC 6901 JSON pointer, so a client can fix exactly
 //! that field; a request with any bad field is rejected whole.
 
+use std::borrow::Cow;
+use std::io::Read;
+
 use chrono::{DateTime, Utc};
 use membrane_store::Message;
 use serde_json::{Map, Value};
@@ -106,6 +109,43 @@ pub fn credential(header: &str) -> Option<String> {
         .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     Some(text.split(':').next().unwrap_or_default().to_owned())
+}
+
+/// Why a request body could not be decoded from its `Content-Encoding`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("unsupported Content-Encoding `{0}`: send the body as is, or gzip it")]
+    UnsupportedEncoding(String),
+    #[error("the gzip body is corrupt: {0}")]
+    CorruptGzip(String),
+    #[error("the body inflates to more than {limit} bytes")]
+    TooLarge { limit: usize },
+}
+
+/// The body as sent before its `Content-Encoding` (analytics-python gzips with `gzip=True`).
+/// Inflating stops past `limit` bytes, so a small compressed body cannot expand without bound.
+pub fn decode_body<'a>(
+    content_encoding: Option<&str>,
+    body: &'a [u8],
+    limit: usize,
+) -> Result<Cow<'a, [u8]>, BodyError> {
+    let encoding = content_encoding.map(|e| e.trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("" | "identity") => Ok(Cow::Borrowed(body)),
+        Some("gzip" | "x-gzip") => {
+            let mut inflated = Vec::new();
+            // One byte past the limit tells "too large" apart from "exactly at the limit".
+            flate2::read::MultiGzDecoder::new(body)
+                .take(limit as u64 + 1)
+                .read_to_end(&mut inflated)
+                .map_err(|e| BodyError::CorruptGzip(e.to_string()))?;
+            if inflated.len() > limit {
+                return Err(BodyError::TooLarge { limit });
+            }
+            Ok(Cow::Owned(inflated))
+        }
+        Some(other) => Err(BodyError::UnsupportedEncoding(other.to_owned())),
+    }
 }
 
 /// Validates a whole request body; alias and group messages yield nothing to store.
@@ -598,6 +638,38 @@ mod tests {
         for (kind, name, category, expected) in cases {
             assert_eq!(viewed_event_name(kind, name, category), expected);
         }
+    }
+
+    #[test]
+    fn gzip_bodies_inflate_within_the_limit() {
+        use std::io::Write;
+        let gzip = |bytes: &[u8]| {
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            encoder.write_all(bytes).expect("writing to a Vec");
+            encoder.finish().expect("finishing into a Vec")
+        };
+        let body = br#"{"batch": []}"#;
+        let compressed = gzip(body);
+        assert_eq!(
+            decode_body(Some("gzip"), &compressed, body.len()).unwrap(),
+            &body[..]
+        );
+        assert_eq!(
+            decode_body(Some("gzip"), &compressed, body.len() - 1),
+            Err(BodyError::TooLarge {
+                limit: body.len() - 1
+            })
+        );
+        assert_eq!(decode_body(None, body, 1).unwrap(), &body[..]);
+        assert!(matches!(
+            decode_body(Some("gzip"), body, 100),
+            Err(BodyError::CorruptGzip(_))
+        ));
+        assert_eq!(
+            decode_body(Some("br"), body, 100),
+            Err(BodyError::UnsupportedEncoding("br".to_owned()))
+        );
     }
 
     #[test]

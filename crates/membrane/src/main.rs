@@ -87,14 +87,13 @@ enum Command {
         #[command(flatten)]
         db: Database,
     },
-    /// Import Segment messages (one JSON object per line, each with its `type`).
+    /// Import Segment messages from a JSONL or CSV file, with progress; a re-run after a crash
+    /// or Ctrl-C resumes where the last committed batch ended.
     Import {
         #[command(flatten)]
         db: Database,
-        file: PathBuf,
-        /// Messages per transaction.
-        #[arg(long, default_value_t = 1000)]
-        batch: usize,
+        #[command(flatten)]
+        args: import::ImportArgs,
     },
     /// Webhook endpoints, their dead letters and replays.
     Webhooks {
@@ -169,10 +168,10 @@ async fn dispatch(command: Command) -> Result<std::process::ExitCode> {
                 .with_context(|| format!("cannot connect to {}", redact(&db.database_url)))?;
             membrane_console::run(store).await?;
         }
-        Command::Import { db, file, batch } => {
+        Command::Import { db, args } => {
             init_logs(None);
             let store = connect(&db.database_url).await?;
-            import::import(&store, &file, batch).await?;
+            import::import(&store, &args).await?;
         }
         Command::Webhooks { db, command } => {
             let store = connect(&db.database_url).await?;

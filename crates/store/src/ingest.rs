@@ -76,7 +76,16 @@ impl Store {
     /// evaluation-queue entries commit together, and evaluators are woken on commit.
     pub async fn ingest(&self, messages: &[Message]) -> Result<IngestOutcome> {
         let mut tx = self.pool().begin().await?;
+        let outcome = Self::ingest_in(&mut tx, messages).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
 
+    /// [`Store::ingest`] inside the caller's transaction, so more can commit with it.
+    pub(crate) async fn ingest_in(
+        tx: &mut sqlx::PgConnection,
+        messages: &[Message],
+    ) -> Result<IngestOutcome> {
         let mut seen_in_batch = HashSet::new();
         let candidate_ids: Vec<String> = messages
             .iter()
@@ -141,7 +150,6 @@ impl Store {
             }
         }
         if changes.is_empty() {
-            tx.commit().await?;
             return Ok(outcome);
         }
 
@@ -226,7 +234,6 @@ impl Store {
             .bind(QUEUE_CHANNEL)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
         Ok(outcome)
     }
 }

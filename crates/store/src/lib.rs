@@ -5,6 +5,7 @@ pub mod audit;
 pub mod buckets;
 pub mod console;
 pub mod facts;
+pub mod imports;
 pub mod ingest;
 pub mod membership;
 pub mod reads;
@@ -16,6 +17,7 @@ pub mod webhooks;
 pub use buckets::{
     BackfillProgress, BucketLock, BucketSwitch, BucketVersion, BucketWork, SweepRun,
 };
+pub use imports::{ImportCheckpoint, ImportFile, ImportProgress};
 pub use ingest::{IngestOutcome, Message, QUEUE_CHANNEL};
 pub use membership::{ActiveMember, Applied, DwellDue, EntryRule, Source, TRANSITIONS_CHANNEL};
 pub use reads::{QueueLag, TransitionRow};

@@ -18,6 +18,8 @@ pub struct EndpointSummary {
     pub id: i64,
     pub url: String,
     pub enabled: bool,
+    /// Whether the endpoint trusts its own CA certificates (`--ca-file`) for HTTPS.
+    pub custom_ca: bool,
     pub pending: i64,
     pub dead: i64,
     pub delivered: i64,
@@ -62,6 +64,8 @@ pub struct ClaimedDelivery {
     pub endpoint_id: i64,
     pub url: String,
     pub secret: String,
+    /// The endpoint's own trust anchors (PEM), if it has any.
+    pub ca_pem: Option<String>,
     pub delivery_id: i64,
     /// Attempts made before this one.
     pub attempts: i32,
@@ -115,20 +119,78 @@ impl ClaimedDelivery {
     }
 }
 
+/// What removing an endpoint dropped with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemovedEndpoint {
+    pub pending: i64,
+    pub dead: i64,
+}
+
 impl Store {
-    pub async fn add_webhook_endpoint(&self, url: &str, secret: &str) -> Result<i64> {
+    /// Registers an endpoint; `ca_pem` adds trust anchors for its HTTPS certificate.
+    pub async fn add_webhook_endpoint(
+        &self,
+        url: &str,
+        secret: &str,
+        ca_pem: Option<&str>,
+    ) -> Result<i64> {
         Ok(sqlx::query_scalar(
-            "INSERT INTO webhook_endpoints (url, secret) VALUES ($1, $2) RETURNING id",
+            "INSERT INTO webhook_endpoints (url, secret, ca_pem) VALUES ($1, $2, $3) RETURNING id",
         )
         .bind(url)
         .bind(secret)
+        .bind(ca_pem)
         .fetch_one(self.pool())
         .await?)
     }
 
+    /// Enables or disables an endpoint; `false` when there is no such endpoint. A disabled
+    /// endpoint is sent nothing, and transitions committed meanwhile are not queued for it;
+    /// what was pending waits, in order, until it is enabled again.
+    pub async fn set_webhook_enabled(&self, endpoint_id: i64, enabled: bool) -> Result<bool> {
+        let updated = sqlx::query("UPDATE webhook_endpoints SET enabled = $2 WHERE id = $1")
+            .bind(endpoint_id)
+            .bind(enabled)
+            .execute(self.pool())
+            .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Deletes an endpoint with its pending deliveries and dead letters (nobody could receive
+    /// them any more); `None` when there is no such endpoint. Waits for a delivery in flight to
+    /// that endpoint to finish.
+    pub async fn remove_webhook_endpoint(
+        &self,
+        endpoint_id: i64,
+    ) -> Result<Option<RemovedEndpoint>> {
+        let mut tx = self.pool().begin().await?;
+        let locked: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM webhook_endpoints WHERE id = $1 FOR UPDATE")
+                .bind(endpoint_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if locked.is_none() {
+            return Ok(None);
+        }
+        let (pending, dead): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead') \
+             FROM webhook_deliveries WHERE endpoint_id = $1",
+        )
+        .bind(endpoint_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        // The deliveries go with it (ON DELETE CASCADE).
+        sqlx::query("DELETE FROM webhook_endpoints WHERE id = $1")
+            .bind(endpoint_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(RemovedEndpoint { pending, dead }))
+    }
+
     pub async fn webhook_endpoints(&self) -> Result<Vec<EndpointSummary>> {
         Ok(sqlx::query_as(
-            "SELECT e.id, e.url, e.enabled, e.delivered_count AS delivered, e.last_delivered_at, \
+            "SELECT e.id, e.url, e.enabled, e.ca_pem IS NOT NULL AS custom_ca, e.delivered_count AS delivered, e.last_delivered_at, \
                     e.created_at, \
                     count(*) FILTER (WHERE d.state = 'pending') AS pending, \
                     count(*) FILTER (WHERE d.state = 'dead') AS dead, \
@@ -181,8 +243,8 @@ impl Store {
     /// being delivered by someone else.
     pub async fn claim_webhook_delivery(&self) -> Result<Option<ClaimedDelivery>> {
         let mut tx = self.pool().begin().await?;
-        let endpoint: Option<(i64, String, String)> = sqlx::query_as(
-            "SELECT e.id, e.url, e.secret FROM webhook_endpoints e \
+        let endpoint: Option<(i64, String, String, Option<String>)> = sqlx::query_as(
+            "SELECT e.id, e.url, e.secret, e.ca_pem FROM webhook_endpoints e \
              WHERE e.enabled AND (SELECT d.next_attempt_at FROM webhook_deliveries d \
                                   WHERE d.endpoint_id = e.id AND d.state = 'pending' \
                                   ORDER BY d.transition_id LIMIT 1) <= now() \
@@ -190,7 +252,7 @@ impl Store {
         )
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((endpoint_id, url, secret)) = endpoint else {
+        let Some((endpoint_id, url, secret, ca_pem)) = endpoint else {
             return Ok(None);
         };
         // Read again under the lock: the choice above used a snapshot from before it, when
@@ -211,6 +273,7 @@ impl Store {
             endpoint_id,
             url,
             secret,
+            ca_pem,
             delivery_id: head.delivery_id,
             attempts: head.attempts,
             transition: head.transition,

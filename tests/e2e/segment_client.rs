@@ -1,0 +1,142 @@
+//! Segment's official Python library (segment-analytics-python) sends to a real `membrane run`
+//! over its own transport (gzip, HTTP Basic write key, background batches with `sentAt`), and
+//! the memberships change as the buckets say.
+//!
+//! The library is installed once into a virtualenv under the cargo target dir and reused; an
+//! install that fails fails the test (it needs PyPI, which CI reaches).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::{repo_root, RunningEngine, WRITE_KEY};
+
+/// Pinned, so a new release cannot change what this test exercises unnoticed.
+const LIBRARY: &str = "segment-analytics-python==2.4.0";
+
+const BUCKETS: &[(&str, &str)] = &[
+    ("pro.toml", "criteria = 'prop(\"plan\") == \"pro\"'\n"),
+    (
+        "buyers.toml",
+        "criteria = 'event(\"Order Completed\").exists()'\n",
+    ),
+    (
+        "recent-buyers.toml",
+        "criteria = 'event(\"Order Completed\").within(1d).exists()'\n",
+    ),
+    (
+        "pricing-viewers.toml",
+        "criteria = 'event(\"Viewed Pricing Page\").where(prop(\"path\") == \"/pricing\").exists()'\n",
+    ),
+    (
+        "regulars.toml",
+        "criteria = 'event(\"ping\").count() >= 5'\n",
+    ),
+    ("free.toml", "criteria = 'prop(\"plan\") == \"free\"'\n"),
+];
+
+/// The virtualenv's Python with the library importable, installing it on first use.
+fn python_with_library() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("segment-analytics-python-2.4.0");
+    let python = venv.join("bin").join("python");
+    let installed = venv.join(".installed");
+    if installed.exists() {
+        return python;
+    }
+    // A half-made venv from an interrupted install is rebuilt from scratch.
+    let _ = std::fs::remove_dir_all(&venv);
+    run_install(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+    run_install(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg(LIBRARY),
+    );
+    std::fs::write(&installed, LIBRARY).expect("the install marker is written");
+    python
+}
+
+fn run_install(command: &mut Command) {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?} (is python3 installed?): {e}"));
+    assert!(
+        output.status.success(),
+        "installing {LIBRARY} failed: {command:?}\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn official_python_library_changes_memberships() {
+    let python = python_with_library();
+    let engine = RunningEngine::start(BUCKETS).await;
+    let script = repo_root().join("tests/e2e/segment_client/send.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(&script)
+        .args([engine.base_url.as_str(), WRITE_KEY])
+        .output()
+        .await
+        .expect("the client script runs");
+    assert!(
+        output.status.success(),
+        "the Segment client failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let expected = [
+        ("pro", "ada"),
+        ("buyers", "ada"),
+        ("recent-buyers", "ada"),
+        ("buyers", "grace"),
+        ("pricing-viewers", "lin"),
+        ("regulars", "bob"),
+        ("free", "anon-7"),
+    ];
+    for (bucket, user) in expected {
+        let key = format!("bucket:{bucket}:{user}:entered:1");
+        engine
+            .wait_for_transition(Duration::from_secs(10), |t| t.key == key)
+            .await;
+    }
+    // Grace's order is three days old by the client's clock (`timestamp` against the batch's
+    // `sentAt`): she bought, but not recently. Her event was evaluated with her `buyers` entry.
+    let grace_is_recent = engine
+        .db
+        .store
+        .is_member("recent-buyers", "grace")
+        .await
+        .expect("membership readable");
+    assert!(!grace_is_recent, "a three-day-old order counted as recent");
+    let mut entered: Vec<String> = engine
+        .transitions()
+        .await
+        .into_iter()
+        .map(|t| t.key)
+        .collect();
+    entered.sort();
+    let mut wanted: Vec<String> = expected
+        .iter()
+        .map(|(bucket, user)| format!("bucket:{bucket}:{user}:entered:1"))
+        .collect();
+    wanted.sort();
+    assert_eq!(entered, wanted);
+    // Every message arrived once: the pings came in several batches of two.
+    let metrics = reqwest::get(format!("{}/metrics", engine.base_url))
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("membrane_ingested_messages_total 10"),
+        "{metrics}"
+    );
+}
