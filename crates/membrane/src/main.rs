@@ -1,6 +1,7 @@
 //! The `membrane` command line: check bucket files, run the engine, watch it in the console,
 //! import events, and run the demo.
 
+mod bench;
 mod demo;
 mod import;
 mod serve;
@@ -87,6 +88,11 @@ enum Command {
         #[command(subcommand)]
         command: webhooks::WebhooksCommand,
     },
+    /// Measurements of the real engine on this machine, in a fresh database.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
     /// A private Postgres (unless DATABASE_URL is set), sample users, live traffic and the console.
     Demo {
         #[command(flatten)]
@@ -155,6 +161,7 @@ async fn dispatch(command: Command) -> Result<std::process::ExitCode> {
             let store = connect(&db.database_url).await?;
             webhooks::run(&store, command).await?;
         }
+        Command::Bench { command } => bench::run(command).await?,
         Command::Demo { options } => demo::run(options).await?,
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! Every SQL statement membrane runs lives in this crate: migrations, ingest, the evaluation
 //! queue, fact gathering, memberships and the transitions outbox, bucket state and console reads.
 
+pub mod bench;
 pub mod buckets;
 pub mod console;
 pub mod facts;
