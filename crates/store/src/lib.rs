@@ -2,6 +2,7 @@
 //! queue, fact gathering, memberships and the transitions outbox, bucket state and console reads.
 
 pub mod audit;
+pub mod bench;
 pub mod buckets;
 pub mod console;
 pub mod facts;

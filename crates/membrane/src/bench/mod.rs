@@ -2,6 +2,7 @@
 //! [`BenchCommand`] with its options and its own module; add a new one the same way.
 
 mod chaos;
+mod ingest;
 
 use anyhow::Result;
 
@@ -12,10 +13,14 @@ pub enum BenchCommand {
     /// evaluator and every transition must be written exactly once. Prints a JSON report;
     /// exit code 1 when any check failed.
     Chaos(chaos::ChaosOptions),
+    /// HTTP batch ingest to committed membership effects, with 20 buckets: sustained events per
+    /// second, event-to-transition latency at a fixed rate, and the raw-COPY floor.
+    Ingest(ingest::IngestOptions),
 }
 
 pub async fn run(command: BenchCommand) -> Result<std::process::ExitCode> {
     match command {
         BenchCommand::Chaos(options) => chaos::run(options).await,
+        BenchCommand::Ingest(options) => ingest::run(options).await,
     }
 }

@@ -1,0 +1,69 @@
+//! Statements only `membrane bench` runs: the raw-COPY floor it compares ingest against.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::{Result, Store};
+
+/// One event row as it lands in `events`.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub user_id: String,
+    pub name: String,
+    pub occurred_at: DateTime<Utc>,
+    pub properties: Value,
+}
+
+impl Store {
+    /// Time to `COPY` `rows` into a scratch table shaped like `events` (same columns, defaults
+    /// and indexes), in one transaction: the fastest way Postgres can take these rows, and so
+    /// the floor for ingest. The scratch table is dropped afterwards.
+    pub async fn copy_events_floor(&self, rows: &[EventRow]) -> Result<Duration> {
+        let mut text = String::with_capacity(rows.len() * 96);
+        for row in rows {
+            push_copy_field(&mut text, &row.user_id);
+            text.push('\t');
+            push_copy_field(&mut text, &row.name);
+            text.push('\t');
+            text.push_str(&row.occurred_at.to_rfc3339());
+            text.push('\t');
+            push_copy_field(&mut text, &row.properties.to_string());
+            text.push('\n');
+        }
+        let mut connection = self.pool().acquire().await?;
+        sqlx::query("DROP TABLE IF EXISTS bench_copy_floor")
+            .execute(&mut *connection)
+            .await?;
+        sqlx::query("CREATE TABLE bench_copy_floor (LIKE events INCLUDING ALL)")
+            .execute(&mut *connection)
+            .await?;
+        let started = Instant::now();
+        let mut copy = connection
+            .copy_in_raw(
+                "COPY bench_copy_floor (user_id, name, occurred_at, properties) FROM STDIN",
+            )
+            .await?;
+        copy.send(text.as_bytes()).await?;
+        copy.finish().await?;
+        let elapsed = started.elapsed();
+        sqlx::query("DROP TABLE bench_copy_floor")
+            .execute(&mut *connection)
+            .await?;
+        Ok(elapsed)
+    }
+}
+
+/// A value in COPY's text format: backslash, tab, newline and carriage return escaped.
+fn push_copy_field(text: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => text.push_str("\\\\"),
+            '\t' => text.push_str("\\t"),
+            '\n' => text.push_str("\\n"),
+            '\r' => text.push_str("\\r"),
+            c => text.push(c),
+        }
+    }
+}
