@@ -156,7 +156,12 @@ pub async fn evaluate_batch(
 
     let now_ms = now.timestamp_millis();
     let mut window_events = window_events.into_iter();
-    let due: Vec<Option<DateTime<Utc>>> = facts
+    // The clock reads facts as values; only time-based criteria need them decoded.
+    let values = match clock {
+        Some(_) => facts.rows(),
+        None => vec![Vec::new(); users.len()],
+    };
+    let due: Vec<Option<DateTime<Utc>>> = values
         .into_iter()
         .zip(after)
         .map(|(values, membership)| {

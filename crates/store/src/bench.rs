@@ -17,6 +17,27 @@ pub struct EventRow {
 }
 
 impl Store {
+    /// Per `entered` transition with id above `after`: its user and when the round inserted it
+    /// (`clock_timestamp()`, just before the round's commit).
+    pub async fn entries_after(&self, after: i64) -> Result<Vec<(String, DateTime<Utc>)>> {
+        Ok(sqlx::query_as(
+            "SELECT user_id, created_at FROM transitions \
+             WHERE id > $1 AND kind = 'entered' ORDER BY id",
+        )
+        .bind(after)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// The id of the latest transition, 0 when there is none.
+    pub async fn last_transition_id(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM transitions")
+                .fetch_one(self.pool())
+                .await?,
+        )
+    }
+
     /// Time to `COPY` `rows` into a scratch table shaped like `events` (same columns, defaults
     /// and indexes), in one transaction: the fastest way Postgres can take these rows, and so
     /// the floor for ingest. The scratch table is dropped afterwards.

@@ -17,8 +17,6 @@ pub struct TransitionRow {
     pub source: String,
     pub reason: String,
     pub occurred_at: DateTime<Utc>,
-    /// When the round inserted it (`clock_timestamp()`, just before its commit).
-    pub created_at: DateTime<Utc>,
 }
 
 impl Store {
@@ -46,8 +44,8 @@ impl Store {
     /// Transitions with id greater than `after`, oldest first.
     pub async fn transitions_after(&self, after: i64, limit: i64) -> Result<Vec<TransitionRow>> {
         Ok(sqlx::query_as(
-            "SELECT id, key, bucket_id, user_id, kind, epoch, label, source, reason, occurred_at, \
-             created_at FROM transitions WHERE id > $1 ORDER BY id LIMIT $2",
+            "SELECT id, key, bucket_id, user_id, kind, epoch, label, source, reason, occurred_at \
+             FROM transitions WHERE id > $1 ORDER BY id LIMIT $2",
         )
         .bind(after)
         .bind(limit)

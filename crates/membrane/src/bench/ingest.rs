@@ -322,7 +322,7 @@ struct Latency {
 }
 
 async fn latency_at_rate(store: &Store, sender: &Sender, options: &IngestOptions) -> Result<Latency> {
-    let cursor = last_transition_id(store).await?;
+    let cursor = store.last_transition_id().await?;
     // A request every 10 ms.
     let per_request = (options.rate as usize / 100).max(1);
     let requests = options.seconds as usize * options.rate as usize / per_request;
@@ -362,16 +362,10 @@ async fn latency_at_rate(store: &Store, sender: &Sender, options: &IngestOptions
 
     let mut latencies = Vec::with_capacity(sent_at.len());
     let mut entered = HashSet::new();
-    let mut after = cursor;
-    loop {
-        let page = store.transitions_after(after, 10_000).await?;
-        let Some(last) = page.last() else { break };
-        after = last.id;
-        for transition in page.iter().filter(|t| t.kind == "entered") {
-            if let Some(sent) = sent_at.get(&transition.user_id) {
-                latencies.push((transition.created_at - *sent).to_std().unwrap_or_default());
-                entered.insert(transition.user_id.clone());
-            }
+    for (user, created_at) in store.entries_after(cursor).await? {
+        if let Some(sent) = sent_at.get(&user) {
+            latencies.push((created_at - *sent).to_std().unwrap_or_default());
+            entered.insert(user);
         }
     }
     latencies.sort_unstable();
@@ -388,15 +382,4 @@ async fn latency_at_rate(store: &Store, sender: &Sender, options: &IngestOptions
         p99: percentile(0.99),
         max: latencies.last().copied().unwrap_or_default(),
     })
-}
-
-async fn last_transition_id(store: &Store) -> Result<i64> {
-    let mut after = 0;
-    loop {
-        let page = store.transitions_after(after, 10_000).await?;
-        match page.last() {
-            Some(last) => after = last.id,
-            None => return Ok(after),
-        }
-    }
 }
