@@ -321,7 +321,11 @@ struct Latency {
     max: Duration,
 }
 
-async fn latency_at_rate(store: &Store, sender: &Sender, options: &IngestOptions) -> Result<Latency> {
+async fn latency_at_rate(
+    store: &Store,
+    sender: &Sender,
+    options: &IngestOptions,
+) -> Result<Latency> {
     let cursor = store.last_transition_id().await?;
     // A request every 10 ms.
     let per_request = (options.rate as usize / 100).max(1);
