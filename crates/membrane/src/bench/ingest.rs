@@ -215,8 +215,8 @@ impl Sender {
 
 fn track(user: &str, event: &str, at: DateTime<Utc>, rng: &mut StdRng) -> (Value, EventRow) {
     let properties = json!({
-        "amount": rng.random_range(50..250),
-        "path": if rng.random_bool(0.7) { "/pricing/team" } else { "/docs" },
+        "amount": rng.random_range(100..300),
+        "path": if rng.random_bool(0.5) { "/pricing/team" } else { "/pricing/enterprise" },
     });
     let message = json!({
         "type": "track",
