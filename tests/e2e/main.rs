@@ -5,5 +5,6 @@ mod console;
 mod hot_reload;
 mod live;
 mod plugins;
+mod reads;
 mod support;
 mod webhooks;

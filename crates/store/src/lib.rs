@@ -14,7 +14,10 @@ pub mod webhooks;
 pub use buckets::{BucketSwitch, BucketVersion, SweepRun};
 pub use ingest::{IngestOutcome, Message, QUEUE_CHANNEL};
 pub use membership::{ActiveMember, Applied, DwellDue, EntryRule, Source, TRANSITIONS_CHANNEL};
-pub use reads::{QueueLag, TransitionRow};
+pub use reads::{
+    BadCursor, BucketStatus, MemberCursor, MembersPage, QueueLag, TransitionRow, TransitionsPage,
+    UserMembership,
+};
 pub use round::{QueuedUser, Round};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
