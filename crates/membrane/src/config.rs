@@ -128,7 +128,8 @@ fn duration<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Duration>,
             )))
         }
         Written::Text(text) => membrane_criteria::duration::parse_duration(&text)
-            .map_err(serde::de::Error::custom)? as f64,
+            .map_err(|error| serde::de::Error::custom(format!("invalid duration: {error}")))?
+            as f64,
     };
     Ok(Some(Duration::from_secs_f64(seconds)))
 }

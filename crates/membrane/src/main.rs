@@ -151,17 +151,16 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
-        // Already rendered rustc-style, `error:` prefix included.
-        Err(error) => match error.downcast_ref::<config::ConfigError>() {
-            Some(config::ConfigError::Invalid(diagnostics)) => {
-                eprint!("{}", diagnostics.render());
-                std::process::ExitCode::FAILURE
+        Err(error) => {
+            match error.downcast_ref::<config::ConfigError>() {
+                // Already rendered rustc-style, `error:` prefix included.
+                Some(config::ConfigError::Invalid(diagnostics)) => {
+                    eprint!("{}", diagnostics.render())
+                }
+                _ => eprintln!("error: {error:#}"),
             }
-            _ => {
-                eprintln!("error: {error:#}");
-                std::process::ExitCode::FAILURE
-            }
-        },
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
