@@ -142,17 +142,16 @@ impl MemberCursor {
 
     pub fn parse(token: &str) -> Result<MemberCursor, BadCursor> {
         let bad = || BadCursor(token.to_owned());
-        if token.is_empty() || token.len() % 2 != 0 {
-            return Err(bad());
-        }
-        let bytes = (0..token.len())
-            .step_by(2)
-            .map(|at| {
-                token
-                    .get(at..at + 2)
-                    .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+        let digit = |c: u8| char::from(c).to_digit(16);
+        let bytes = token
+            .as_bytes()
+            .chunks(2)
+            .map(|pair| match pair {
+                [high, low] => Some(u8::try_from(digit(*high)? * 16 + digit(*low)?).ok()?),
+                _ => None,
             })
             .collect::<Option<Vec<u8>>>()
+            .filter(|bytes| !bytes.is_empty())
             .ok_or_else(bad)?;
         String::from_utf8(bytes)
             .map(MemberCursor)
