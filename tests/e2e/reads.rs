@@ -16,7 +16,7 @@ description = "Bought something"
 criteria = 'event("purchase").exists()'
 "#;
 
-/// Kills the engine when the test ends, however it ends.
+/// Kills the process when the test ends, however it ends.
 struct Engine(Child);
 
 impl Drop for Engine {
@@ -134,13 +134,14 @@ max_attempts = 3
     assert_eq!(read("file-read-token", "/v1/buckets".into()).await.0, 401);
 
     // The engine found its buckets where the file said, and ana entered.
-    let (status, bucket) = eventually(Duration::from_secs(10), "ana in buyers", || async {
+    // (The backfill of the new bucket and ana's real-time join may commit in either order.)
+    let bucket = eventually(Duration::from_secs(10), "ana in buyers", || async {
         let (status, body) = read("flag-read-token", "/v1/buckets/buyers".into()).await;
-        (body["count"] == json!(1)).then_some((status, body))
+        assert_eq!(status, 200, "{body}");
+        (body["count"] == json!(1) && body["backfilled"] == json!(true)).then_some(body)
     })
     .await;
-    assert_eq!(status, 200);
-    assert_eq!(bucket["backfilled"], json!(true), "{bucket}");
+    assert_eq!(bucket["status"], json!("ok"), "{bucket}");
     let (_, transitions) = read("flag-read-token", "/v1/transitions".into()).await;
     let cursor = transitions["next"].as_i64().expect("a cursor");
 
@@ -161,6 +162,29 @@ max_attempts = 3
             (body, started.elapsed())
         })
     };
+    // So does `membrane transitions --follow`, one JSON line per transition.
+    let mut follow = membrane(
+        &config,
+        &[
+            "transitions",
+            "--follow",
+            "--format",
+            "json",
+            "--after",
+            &cursor.to_string(),
+        ],
+    );
+    follow.stdout(Stdio::piped());
+    let mut follower = Engine(follow.spawn().expect("membrane transitions starts"));
+    let follower_out = follower.0.stdout.take().expect("piped stdout");
+    let (lines, followed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(follower_out).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(track("env-write-key", "bob").await, 200);
     let (body, waited) = waiting.await.expect("the long-poll ran");
@@ -169,6 +193,12 @@ max_attempts = 3
         body["transitions"][0]["key"],
         json!("bucket:buyers:bob:entered:1")
     );
+    let line = followed
+        .recv_timeout(Duration::from_secs(10))
+        .expect("--follow prints the new transition");
+    let followed: Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(followed["key"], json!("bucket:buyers:bob:entered:1"));
+    drop(follower);
 
     let (status, members) = read(
         "flag-read-token",
