@@ -9,7 +9,8 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use membrane_store::{MemberCursor, Store, TRANSITIONS_CHANNEL};
+use membrane_store::{BucketStatus, MemberCursor, Store, TRANSITIONS_CHANNEL};
+use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -50,34 +51,29 @@ impl CommitSignal {
 }
 
 /// Bumps the signal on every notification of the transitions channel, until the router that
-/// owns the signal is dropped.
+/// owns the signal is dropped. A broken LISTEN connection is replaced.
 async fn relay_commits(store: Store, signal: Weak<watch::Sender<u64>>) {
-    let mut notifications = None;
     while signal.strong_count() > 0 {
-        if notifications.is_none() {
-            match store.listen(&[TRANSITIONS_CHANNEL]).await {
-                Ok(listening) => notifications = Some(listening),
-                Err(error) => {
-                    tracing::warn!(
-                        "cannot listen for transitions (long-polls re-read every second): {error}"
-                    );
-                    tokio::time::sleep(REREAD_INTERVAL).await;
-                    continue;
-                }
-            }
-        }
-        let Some(listening) = notifications.as_mut() else {
-            continue;
-        };
-        match listening.recv().await {
-            Ok(_) => match signal.upgrade() {
-                Some(sender) => sender.send_modify(|commits| *commits += 1),
-                None => return,
-            },
-            // The listener reconnects on the next `recv`.
+        let mut notifications = match store.listen(&[TRANSITIONS_CHANNEL]).await {
+            Ok(notifications) => notifications,
             Err(error) => {
-                tracing::warn!("transitions notifications interrupted: {error}");
+                tracing::warn!(
+                    "cannot listen for transitions (long-polls re-read every second): {error}"
+                );
                 tokio::time::sleep(REREAD_INTERVAL).await;
+                continue;
+            }
+        };
+        loop {
+            match notifications.recv().await {
+                Ok(_) => match signal.upgrade() {
+                    Some(sender) => sender.send_modify(|commits| *commits += 1),
+                    None => return,
+                },
+                Err(error) => {
+                    tracing::warn!("transitions notifications interrupted: {error}");
+                    break;
+                }
             }
         }
     }
@@ -150,25 +146,32 @@ pub(crate) async fn list_buckets(
     Ok(Json(json!({ "buckets": buckets })))
 }
 
+/// One bucket's status, with `bucket` and `count` as the count read has always answered.
+#[derive(Serialize)]
+pub(crate) struct BucketStatusBody {
+    bucket: String,
+    count: i64,
+    #[serde(flatten)]
+    status: BucketStatus,
+}
+
 /// `GET /v1/buckets/{id}`: the bucket's status, with its member count as `count`.
 pub(crate) async fn bucket_status(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BucketStatusBody>, ApiError> {
     require(&state, &headers, Access::Read)?;
     let status = state
         .store
         .bucket_status(&id)
         .await?
         .ok_or_else(|| unknown_bucket(&id))?;
-    let mut body = json!({ "bucket": id, "count": status.member_count });
-    if let (Value::Object(body), Ok(Value::Object(fields))) =
-        (&mut body, serde_json::to_value(&status))
-    {
-        body.extend(fields);
-    }
-    Ok(Json(body))
+    Ok(Json(BucketStatusBody {
+        bucket: id,
+        count: status.member_count,
+        status,
+    }))
 }
 
 /// `GET /v1/buckets/{id}/members/{user}`: whether the user is a member now.
