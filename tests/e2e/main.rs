@@ -8,6 +8,7 @@ mod import;
 mod live;
 mod plugins;
 mod segment_client;
+mod reads;
 mod support;
 mod webhook_tls;
 mod webhooks;

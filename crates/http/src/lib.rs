@@ -29,7 +29,18 @@
 //! the whole body), and nothing of the request is applied. A batch commits all-or-nothing.
 //!
 //! # Reads
-//! `GET /v1/buckets/{id}` (member count) and `GET /v1/buckets/{id}/members/{user}`.
+//! - `GET /v1/buckets`: every bucket's status; `GET /v1/buckets/{id}`: one bucket's status
+//!   (enabled, status, recorded criteria hash and whether it is backfilled, last error,
+//!   time-based) with its member count as `count`.
+//! - `GET /v1/buckets/{id}/members/{user}`: `{"member": bool}`.
+//! - `GET /v1/buckets/{id}/members?after=&limit=`: active members by user id, keyset-paged
+//!   with an opaque cursor (`next`), stable while members join and leave.
+//! - `GET /v1/users/{id}/buckets`: the buckets a user is in, with epochs and `entered_at`.
+//! - `GET /v1/transitions?after=&limit=&wait=&bucket=`: transitions after a cursor (their id),
+//!   oldest first, never skipping one that commits late; with `wait` the request long-polls.
+//!
+//! An unknown bucket is 404 naming it; a bad query parameter is 400 with
+//! `{"error": {"message", "parameter"}}`.
 //!
 //! # Credentials
 //! Write keys ([`ApiConfig::write_keys`]) authorize ingest, read tokens
@@ -38,6 +49,7 @@
 //! configured, that side is open. Missing or unknown credentials get 401 with
 //! `WWW-Authenticate`; a read token used to write, or a write key used to read, gets 403.
 
+mod reads;
 mod segment;
 
 use std::sync::Arc;
@@ -53,6 +65,7 @@ use membrane_store::Store;
 use prometheus_client::metrics::counter::Counter;
 use serde_json::{json, Value};
 
+pub use reads::{DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, MAX_WAIT_SECS};
 use segment::Shape;
 pub use segment::{
     parse_message, FieldError, MessageType, MAX_BATCH_MESSAGES, MAX_EVENT_NAME_CHARS,
@@ -98,12 +111,14 @@ impl IngestMetrics {
 struct AppState {
     store: Store,
     config: Arc<ApiConfig>,
+    commits: Arc<reads::CommitSignal>,
 }
 
 pub fn router(store: Store, config: ApiConfig) -> Router {
     let state = AppState {
         store,
         config: Arc::new(config),
+        commits: Arc::default(),
     };
     let mut routes = Router::new();
     for kind in [
@@ -127,9 +142,13 @@ pub fn router(store: Store, config: ApiConfig) -> Router {
         routes = routes.route(path, ingest_route(Shape::Batch));
     }
     routes
-        .route("/v1/buckets/{id}", get(bucket_count))
-        .route("/v1/buckets/{id}/members/{user}", get(has_member))
+        .route("/v1/buckets", get(reads::list_buckets))
+        .route("/v1/buckets/{id}", get(reads::bucket_status))
+        .route("/v1/buckets/{id}/members", get(reads::members))
+        .route("/v1/buckets/{id}/members/{user}", get(reads::has_member))
         .route("/v1/users/{id}", axum::routing::delete(erase_user))
+        .route("/v1/users/{id}/buckets", get(reads::user_buckets))
+        .route("/v1/transitions", get(reads::transitions))
         .route("/health", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -149,6 +168,15 @@ impl ApiError {
         ApiError {
             status,
             body: json!({ "error": { "message": message.into() } }),
+            challenge: None,
+        }
+    }
+
+    /// A 400 about one query parameter, named in `parameter`.
+    fn parameter(name: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            body: json!({ "error": { "message": message.into(), "parameter": name } }),
             challenge: None,
         }
     }
@@ -388,31 +416,4 @@ async fn erase_user(
     require(&state, &headers, Access::Write)?;
     let closed = state.store.erase_user(&user).await?;
     Ok(Json(json!({ "user": user, "memberships_closed": closed })))
-}
-
-async fn bucket_count(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    require(&state, &headers, Access::Read)?;
-    match state.store.member_count(&id).await? {
-        Some(count) => Ok(Json(json!({ "bucket": id, "count": count }))),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no bucket `{id}`"),
-        )),
-    }
-}
-
-async fn has_member(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path((id, user)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    require(&state, &headers, Access::Read)?;
-    let member = state.store.is_member(&id, &user).await?;
-    Ok(Json(
-        json!({ "bucket": id, "user": user, "member": member }),
-    ))
 }

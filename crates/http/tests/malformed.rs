@@ -633,9 +633,10 @@ async fn a_duplicate_message_id_is_skipped_and_credentials_of_the_right_kind_pas
     .await;
     assert_eq!(events(&database.store).await.len(), 1);
 
+    // The read token is accepted (not 401/403); the bucket does not exist.
     let (status, _, body) = Call::get("/v1/buckets/nope/members/u1", READ_TOKEN)
         .send(&app)
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["member"], json!(false));
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["message"], json!("no bucket `nope`"));
 }

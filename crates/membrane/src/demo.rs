@@ -31,9 +31,12 @@ pub struct DemoOptions {
     headless_secs: Option<u64>,
 }
 
-pub async fn run(options: DemoOptions) -> Result<()> {
+pub async fn run(options: DemoOptions, log_format: crate::config::LogFormat) -> Result<()> {
     let log = std::env::temp_dir().join("membrane-demo.log");
-    crate::init_logs(options.headless_secs.is_none().then_some(log.as_path()));
+    crate::init_logs(
+        options.headless_secs.is_none().then_some(log.as_path()),
+        log_format,
+    );
     if !options.buckets.is_dir() {
         anyhow::bail!(
             "bucket directory {} does not exist: run the demo from the repository root or pass --buckets DIR",

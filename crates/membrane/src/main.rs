@@ -1,9 +1,11 @@
 //! The `membrane` command line: check bucket files, run the engine, watch it in the console,
-//! import events, and run the demo.
+//! import events, read memberships and transitions, and run the demo.
 
 mod bench;
+mod config;
 mod demo;
 mod import;
+mod reads;
 mod serve;
 mod webhooks;
 
@@ -20,6 +22,13 @@ use membrane_store::Store;
     about = "Live, rule-defined groups of users over Postgres"
 )]
 struct Cli {
+    /// Configuration file (default: ./membrane.toml when present). Flags and environment
+    /// variables override it.
+    #[arg(long, global = true, env = config::CONFIG_ENV)]
+    config: Option<PathBuf>,
+    /// Log lines as `human` text or `json` objects.
+    #[arg(long, global = true, value_enum, env = "MEMBRANE_LOG_FORMAT")]
+    log_format: Option<config::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,9 +41,21 @@ enum Format {
 
 #[derive(clap::Args)]
 struct Database {
-    /// Postgres URL of the membrane database.
+    /// Postgres URL of the membrane database (or `database_url` in the configuration file).
     #[arg(long, env = "DATABASE_URL")]
-    database_url: String,
+    database_url: Option<String>,
+}
+
+impl Database {
+    /// The flag or environment, else the configuration file.
+    fn url(self, file: &config::FileConfig) -> Result<String> {
+        self.database_url
+            .or_else(|| file.database_url.clone())
+            .context(
+                "no database: pass --database-url, set DATABASE_URL, \
+                 or set database_url in membrane.toml",
+            )
+    }
 }
 
 #[derive(Subcommand)]
@@ -82,6 +103,28 @@ enum Command {
         /// The bucket id, as `membrane status` lists it.
         bucket: String,
     },
+    /// A bucket's active members by user id, one page at a time.
+    Members {
+        #[command(flatten)]
+        db: Database,
+        #[command(flatten)]
+        page: reads::MembersArgs,
+    },
+    /// The buckets a user is in now, with epochs and entry times.
+    User {
+        #[command(flatten)]
+        db: Database,
+        id: String,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+    /// Transitions after a cursor (a transition id), oldest first.
+    Transitions {
+        #[command(flatten)]
+        db: Database,
+        #[command(flatten)]
+        feed: reads::TransitionsArgs,
+    },
     /// Open the console on a database an engine writes to.
     Console {
         #[command(flatten)]
@@ -126,22 +169,34 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            match error.downcast_ref::<config::ConfigError>() {
+                // Already rendered rustc-style, `error:` prefix included.
+                Some(config::ConfigError::Invalid(diagnostics)) => {
+                    eprint!("{}", diagnostics.render())
+                }
+                _ => eprintln!("error: {error:#}"),
+            }
             std::process::ExitCode::FAILURE
         }
     }
 }
 
-async fn dispatch(command: Command) -> Result<std::process::ExitCode> {
+async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
     use std::process::ExitCode;
-    match command {
+    let file = config::load(cli.config.as_deref())?;
+    let log_format = cli
+        .log_format
+        .or(file.log_format)
+        .unwrap_or(config::LogFormat::Human);
+    let init_logs = |to_file: Option<&Path>| init_logs(to_file, log_format);
+    match cli.command {
         Command::Check { paths, format } => return Ok(check(&paths, format)),
         Command::Migrate { db } => {
             init_logs(None);
-            connect(&db.database_url).await?;
+            connect(&db.url(&file)?).await?;
             println!("migrations applied");
         }
         Command::Run {
@@ -149,35 +204,39 @@ async fn dispatch(command: Command) -> Result<std::process::ExitCode> {
             engine,
             console,
         } => {
-            let store = connect(&db.database_url).await?;
+            let store = connect(&db.url(&file)?).await?;
             let logs = console.then(|| std::env::temp_dir().join("membrane.log"));
             init_logs(logs.as_deref());
-            serve::serve(store, engine, console).await?;
+            serve::serve(store, engine.resolve(&file), console).await?;
         }
         Command::Status { db, format } => {
-            let store = Store::connect(&db.database_url)
-                .await
-                .with_context(|| format!("cannot connect to {}", redact(&db.database_url)))?;
+            let store = attach(&db.url(&file)?).await?;
             return status(&store, format).await;
         }
-        Command::Enable { db, bucket } => return switch_bucket(&db, &bucket, true).await,
-        Command::Disable { db, bucket } => return switch_bucket(&db, &bucket, false).await,
+        Command::Enable { db, bucket } => return switch_bucket(&db.url(&file)?, &bucket, true).await,
+        Command::Disable { db, bucket } => return switch_bucket(&db.url(&file)?, &bucket, false).await,
+        Command::Members { db, page } => {
+            reads::members(&attach(&db.url(&file)?).await?, page).await?;
+        }
+        Command::User { db, id, format } => {
+            reads::user(&attach(&db.url(&file)?).await?, &id, format).await?;
+        }
+        Command::Transitions { db, feed } => {
+            reads::transitions(&attach(&db.url(&file)?).await?, feed).await?;
+        }
         Command::Console { db } => {
-            let store = Store::connect(&db.database_url)
-                .await
-                .with_context(|| format!("cannot connect to {}", redact(&db.database_url)))?;
-            membrane_console::run(store).await?;
+            membrane_console::run(attach(&db.url(&file)?).await?).await?;
         }
         Command::Import { db, args } => {
             init_logs(None);
-            let store = connect(&db.database_url).await?;
+            let store = connect(&db.url(&file)?).await?;
             import::import(&store, &args).await?;
         }
         Command::Webhooks { db, command } => {
-            let store = connect(&db.database_url).await?;
+            let store = connect(&db.url(&file)?).await?;
             webhooks::run(&store, command).await?;
         }
-        Command::Demo { options } => demo::run(options).await?,
+        Command::Demo { options } => demo::run(options, log_format).await?,
         Command::Bench { command } => {
             init_logs(None);
             return bench::run(command).await;
@@ -187,11 +246,11 @@ async fn dispatch(command: Command) -> Result<std::process::ExitCode> {
 }
 
 /// Logs go to stderr (or `file`, while a console owns the terminal), filtered by `RUST_LOG`,
-/// as human-readable lines or, with `MEMBRANE_LOG_FORMAT=json`, one JSON object per line.
-fn init_logs(file: Option<&Path>) {
+/// as human-readable lines or one JSON object per line.
+fn init_logs(file: Option<&Path>, format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    let json = std::env::var("MEMBRANE_LOG_FORMAT").is_ok_and(|format| format == "json");
+    let json = format == config::LogFormat::Json;
     let writer = match file.and_then(|path| std::fs::File::create(path).ok()) {
         Some(log) => {
             tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(log))
@@ -221,6 +280,13 @@ fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// Connects without migrating: for commands that only read what an engine wrote.
+async fn attach(url: &str) -> Result<Store> {
+    Store::connect(url)
+        .await
+        .with_context(|| format!("cannot connect to {}", redact(url)))
 }
 
 /// Connects and applies migrations.
@@ -289,21 +355,15 @@ fn check(paths: &[PathBuf], format: Format) -> std::process::ExitCode {
 }
 
 /// Sets a bucket's enable switch; exit code 1 when no such bucket is recorded.
-async fn switch_bucket(
-    db: &Database,
-    bucket: &str,
-    enabled: bool,
-) -> Result<std::process::ExitCode> {
-    let store = Store::connect(&db.database_url)
-        .await
-        .with_context(|| format!("cannot connect to {}", redact(&db.database_url)))?;
+async fn switch_bucket(url: &str, bucket: &str, enabled: bool) -> Result<std::process::ExitCode> {
+    let store = attach(url).await?;
     let found = membrane_store::console::set_bucket_enabled(&store, bucket, enabled)
         .await
         .with_context(|| format!("cannot switch bucket `{bucket}`"))?;
     if !found {
         eprintln!(
             "error: no bucket `{bucket}` in {}\n  = help: `membrane status` lists the buckets the engines recorded",
-            redact(&db.database_url)
+            redact(url)
         );
         return Ok(std::process::ExitCode::from(1));
     }

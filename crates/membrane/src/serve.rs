@@ -8,18 +8,22 @@ use anyhow::{bail, Context, Result};
 use membrane_engine::EngineConfig;
 use membrane_store::Store;
 
-/// Options of `membrane run`.
+use crate::config::FileConfig;
+
+/// Options of `membrane run`. Each falls back to the configuration file, then to its default
+/// (clap itself puts the flag before the environment).
 #[derive(clap::Args, Clone)]
 pub struct EngineArgs {
-    /// Directory of bucket files, watched for changes.
-    #[arg(long, default_value = "buckets")]
-    pub buckets: PathBuf,
-    /// How often time-based buckets are swept, in seconds.
-    #[arg(long, default_value_t = 60.0)]
-    pub sweep_interval: f64,
-    /// Address of the HTTP API (port 0 picks a free port; the address is printed).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
+    /// Directory of bucket files, watched for changes [default: buckets].
+    #[arg(long, env = "MEMBRANE_BUCKETS")]
+    pub buckets: Option<PathBuf>,
+    /// How often time-based buckets are swept, in seconds [default: 60].
+    #[arg(long, env = "MEMBRANE_SWEEP_INTERVAL")]
+    pub sweep_interval: Option<f64>,
+    /// Address of the HTTP API (port 0 picks a free port; the address is printed)
+    /// [default: 127.0.0.1:8080].
+    #[arg(long, env = "MEMBRANE_LISTEN")]
+    pub listen: Option<SocketAddr>,
     /// Accepted write keys for ingest, comma-separated. Without any, ingest is open.
     #[arg(long, env = "MEMBRANE_WRITE_KEYS", value_delimiter = ',')]
     pub write_key: Vec<String>,
@@ -28,8 +32,52 @@ pub struct EngineArgs {
     pub read_token: Vec<String>,
 }
 
+/// What `membrane run` runs with, once flags, environment, file and defaults are merged.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub buckets: PathBuf,
+    pub sweep_interval: Duration,
+    pub listen: SocketAddr,
+    pub write_keys: Vec<String>,
+    pub read_tokens: Vec<String>,
+    pub webhooks: membrane_engine::webhooks::WebhookConfig,
+}
+
+impl EngineArgs {
+    /// Flag or environment, else the file, else the default.
+    pub fn resolve(self, file: &FileConfig) -> RunSettings {
+        let or_file = |given: Vec<String>, from_file: &Option<Vec<String>>| {
+            if given.is_empty() {
+                from_file.clone().unwrap_or_default()
+            } else {
+                given
+            }
+        };
+        let mut webhooks = membrane_engine::webhooks::WebhookConfig::default();
+        file.webhooks.apply(&mut webhooks);
+        RunSettings {
+            buckets: self
+                .buckets
+                .or_else(|| file.buckets.clone())
+                .unwrap_or_else(|| PathBuf::from("buckets")),
+            sweep_interval: self
+                .sweep_interval
+                .map(|seconds| Duration::from_secs_f64(seconds.max(0.05)))
+                .or(file.sweep_interval)
+                .unwrap_or(Duration::from_secs(60)),
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            write_keys: or_file(self.write_key, &file.write_keys),
+            read_tokens: or_file(self.read_token, &file.read_tokens),
+            webhooks,
+        }
+    }
+}
+
 /// Runs the engine and the HTTP API until Ctrl-C (or until the console quits).
-pub async fn serve(store: Store, args: EngineArgs, console: bool) -> Result<()> {
+pub async fn serve(store: Store, args: RunSettings, console: bool) -> Result<()> {
     if !args.buckets.is_dir() {
         bail!(
             "bucket directory {} does not exist: pass --buckets DIR",
@@ -37,26 +85,27 @@ pub async fn serve(store: Store, args: EngineArgs, console: bool) -> Result<()> 
         );
     }
     let mut config = EngineConfig::new(args.buckets.clone());
-    config.sweep_interval = Duration::from_secs_f64(args.sweep_interval.max(0.05));
+    config.sweep_interval = args.sweep_interval.max(Duration::from_millis(50));
+    config.webhooks = args.webhooks.clone();
     let engine = membrane_engine::start(store.clone(), config)
         .await
         .context("cannot start the engine")?;
-    if args.write_key.is_empty() {
+    if args.write_keys.is_empty() {
         tracing::warn!(
-            "no write keys configured (--write-key / MEMBRANE_WRITE_KEYS): ingest is open"
+            "no write keys configured (--write-key / MEMBRANE_WRITE_KEYS / write_keys): ingest is open"
         );
     }
-    if args.read_token.is_empty() {
+    if args.read_tokens.is_empty() {
         tracing::warn!(
-            "no read tokens configured (--read-token / MEMBRANE_READ_TOKENS): reads are open"
+            "no read tokens configured (--read-token / MEMBRANE_READ_TOKENS / read_tokens): reads are open"
         );
     }
     let ingest_metrics = membrane_http::IngestMetrics::default();
     let api = membrane_http::router(
         store.clone(),
         membrane_http::ApiConfig {
-            write_keys: args.write_key.clone(),
-            read_tokens: args.read_token.clone(),
+            write_keys: args.write_keys.clone(),
+            read_tokens: args.read_tokens.clone(),
             metrics: ingest_metrics.clone(),
         },
     )

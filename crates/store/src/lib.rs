@@ -21,7 +21,10 @@ pub use buckets::{
 pub use imports::{ImportCheckpoint, ImportFile, ImportProgress};
 pub use ingest::{IngestOutcome, Message, QUEUE_CHANNEL};
 pub use membership::{ActiveMember, Applied, DwellDue, EntryRule, Source, TRANSITIONS_CHANNEL};
-pub use reads::{QueueLag, TransitionRow};
+pub use reads::{
+    BadCursor, BucketStatus, MemberCursor, MembersPage, QueueLag, TransitionRow, TransitionsPage,
+    UserMembership,
+};
 pub use round::{QueuedUser, Round};
 pub use timers::{DueTimer, TimerClaim, TIMERS_CHANNEL};
 
