@@ -213,8 +213,12 @@ async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
             let store = attach(&db.url(&file)?).await?;
             return status(&store, format).await;
         }
-        Command::Enable { db, bucket } => return switch_bucket(&db.url(&file)?, &bucket, true).await,
-        Command::Disable { db, bucket } => return switch_bucket(&db.url(&file)?, &bucket, false).await,
+        Command::Enable { db, bucket } => {
+            return switch_bucket(&db.url(&file)?, &bucket, true).await
+        }
+        Command::Disable { db, bucket } => {
+            return switch_bucket(&db.url(&file)?, &bucket, false).await
+        }
         Command::Members { db, page } => {
             reads::members(&attach(&db.url(&file)?).await?, page).await?;
         }
