@@ -168,23 +168,35 @@ async fn csv_errors_name_the_line_and_column() {
     let db = fresh_database().await.expect("a fresh test database");
     let dir = tempfile::tempdir().expect("a temp dir");
     let file = dir.path().join("bad.csv");
+    // The quoted cell spans lines 2 and 3, so the bad row is on line 4.
     std::fs::write(
         &file,
-        "type,userId,event,timestamp\n\
-         track,ada,signup,2026-11-01T10:00:00Z\n\
-         track,ada,signup,yesterday\n",
+        "type,userId,event,timestamp,properties.note\n\
+         track,ada,signup,2026-11-01T10:00:00Z,\"two\nlines\"\n\
+         track,ada,signup,yesterday,\n",
     )
     .expect("file written");
     let output = import_command(&db, &file).output().expect("import runs");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     let expected = format!(
-        "{}:3: column `timestamp`: `yesterday` is not",
+        "{}:4: column `timestamp`: `yesterday` is not",
         file.display()
     );
     assert!(stderr.contains(&expected), "{stderr}");
     // The row before the bad one was in the same batch, which was not committed.
     assert_eq!(event_count(&db).await.0, 0);
+
+    // CRLF line ends count as line ends.
+    std::fs::write(
+        &file,
+        "type,userId,event\r\ntrack,ada,signup\r\ntrack,ada,\r\n",
+    )
+    .expect("file written");
+    let output = import_command(&db, &file).output().expect("import runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let expected = format!("{}:3: column `event`: missing `event`", file.display());
+    assert!(stderr.contains(&expected), "{stderr}");
 
     std::fs::write(&file, "type,user,event\ntrack,ada,signup\n").expect("file written");
     let output = import_command(&db, &file).output().expect("import runs");

@@ -140,3 +140,72 @@ async fn official_python_library_changes_memberships() {
         "{metrics}"
     );
 }
+
+/// Compressed bodies the engine cannot use are refused precisely, and nothing is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn unusable_compressed_bodies_are_refused() {
+    use std::io::Write;
+    let engine = RunningEngine::start(BUCKETS).await;
+    let gzip = |bytes: &[u8]| {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(bytes).expect("writing to a Vec");
+        encoder.finish().expect("finishing into a Vec")
+    };
+    let message = br#"{"userId": "ada", "event": "ping"}"#;
+    // 600 KiB of spaces inside the JSON: small compressed, too large inflated.
+    let mut bomb = br#"{"userId": "ada", "event": "ping""#.to_vec();
+    bomb.extend(std::iter::repeat_n(b' ', 600 * 1024));
+    bomb.push(b'}');
+    let cases = [
+        (
+            "br",
+            message.to_vec(),
+            415,
+            "unsupported Content-Encoding `br`",
+        ),
+        ("gzip", message.to_vec(), 400, "the gzip body is corrupt"),
+        (
+            "gzip",
+            gzip(&bomb),
+            413,
+            "inflates to more than 524288 bytes",
+        ),
+    ];
+    let http = reqwest::Client::new();
+    for (encoding, body, status, wanted) in cases {
+        let response = http
+            .post(format!("{}/v1/track", engine.base_url))
+            .basic_auth(WRITE_KEY, Some(""))
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .body(body)
+            .send()
+            .await
+            .expect("the engine answers");
+        assert_eq!(response.status(), status, "{encoding}");
+        let error: serde_json::Value = response.json().await.expect("a JSON error");
+        let text = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(text.contains(wanted), "{encoding}: {error}");
+        assert_eq!(error["error"]["pointer"], "", "{error}");
+    }
+    let accepted = http
+        .post(format!("{}/v1/track", engine.base_url))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("content-encoding", "gzip")
+        .body(gzip(message))
+        .send()
+        .await
+        .expect("the engine answers");
+    assert_eq!(accepted.status(), 200);
+    let metrics = reqwest::get(format!("{}/metrics", engine.base_url))
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text");
+    // Only the well-formed gzip body was applied.
+    assert!(
+        metrics.contains("membrane_ingested_messages_total 1\n"),
+        "{metrics}"
+    );
+}

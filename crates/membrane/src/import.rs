@@ -264,6 +264,7 @@ struct CsvRecords {
     display: String,
     now: DateTime<Utc>,
     record: csv::StringRecord,
+    lines: LineCounter,
 }
 
 impl CsvRecords {
@@ -293,6 +294,7 @@ impl CsvRecords {
             display,
             now,
             record: csv::StringRecord::new(),
+            lines: LineCounter::open(path, start)?,
         })
     }
 
@@ -401,18 +403,30 @@ impl Iterator for CsvRecords {
                 Ok(false) => return None,
                 Ok(true) => {}
                 Err(e) => {
-                    let line = e.position().map_or(0, |p| p.line());
+                    let start = e.position().map_or(0, csv::Position::byte);
+                    let line = match self.lines.line_starting(start) {
+                        Ok(line) => line,
+                        Err(read) => return Some(Err(read.into())),
+                    };
                     return Some(Err(anyhow::anyhow!("{}:{line}: {e}", self.display)));
                 }
             }
-            let line = self.record.position().map_or(0, |p| p.line());
+            let start = self.record.position().map_or(0, csv::Position::byte);
+            let (line, next) = match self.lines.line_starting(start).and_then(|line| {
+                let next = self.reader.position().byte();
+                Ok((line, (next, self.lines.newlines_before(next)?)))
+            }) {
+                Ok(lines) => lines,
+                Err(read) => {
+                    return Some(Err(read).context(format!("cannot read {}", self.display)))
+                }
+            };
             let location = format!("{}:{line}", self.display);
             // A row of empty cells (e.g. a blank line in a one-column file) carries nothing.
             if self.record.iter().all(str::is_empty) {
                 continue;
             }
-            let next = self.reader.position();
-            let end = (next.byte() as i64, next.line() as i64 - 1);
+            let end = (next.0 as i64, next.1);
             let parsed = self.to_object(&location).and_then(|value| {
                 membrane_http::parse_message(&value, None, "", self.now).map_err(|e| {
                     let column = column_of(&e.pointer);
@@ -424,6 +438,62 @@ impl Iterator for CsvRecords {
                 })
             });
             return Some(parsed.map(|message| Record { message, end }));
+        }
+    }
+}
+
+/// Counts line breaks up to a byte offset, reading the file a second time: the csv crate's own
+/// line numbers miss CRLF line ends, and file:line must name the line an editor shows.
+struct LineCounter {
+    reader: BufReader<File>,
+    offset: u64,
+    newlines: i64,
+}
+
+impl LineCounter {
+    fn open(path: &Path, start: ImportProgress) -> Result<LineCounter> {
+        let mut file =
+            File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let offset = u64::try_from(start.byte_offset)?;
+        file.seek(SeekFrom::Start(offset))
+            .with_context(|| format!("cannot seek in {}", path.display()))?;
+        Ok(LineCounter {
+            reader: BufReader::new(file),
+            offset,
+            newlines: start.line,
+        })
+    }
+
+    /// Line breaks before byte `offset`; offsets are asked for in increasing order.
+    fn newlines_before(&mut self, offset: u64) -> std::io::Result<i64> {
+        while self.offset < offset {
+            let buffer = self.reader.fill_buf()?;
+            if buffer.is_empty() {
+                break;
+            }
+            let take = buffer
+                .len()
+                .min(usize::try_from(offset - self.offset).unwrap_or(usize::MAX));
+            self.newlines += buffer[..take].iter().filter(|b| **b == b'\n').count() as i64;
+            self.reader.consume(take);
+            self.offset += take as u64;
+        }
+        Ok(self.newlines)
+    }
+
+    /// The line of the record the csv crate places at `offset`, which may be the LF of the
+    /// previous record's CRLF: line ends there are skipped.
+    fn line_starting(&mut self, offset: u64) -> std::io::Result<i64> {
+        self.newlines_before(offset)?;
+        loop {
+            let buffer = self.reader.fill_buf()?;
+            match buffer.first() {
+                Some(b'\n') => self.newlines += 1,
+                Some(b'\r') => {}
+                _ => return Ok(self.newlines + 1),
+            }
+            self.reader.consume(1);
+            self.offset += 1;
         }
     }
 }
