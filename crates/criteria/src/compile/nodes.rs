@@ -20,9 +20,16 @@ mod local {
     pub const USER: u32 = 4;
     /// i32: address of the current user's row.
     pub const ROW: u32 = 5;
+    /// i32 scratch for one leaf: whether a string slot may be read.
+    pub const GUARD: u32 = 6;
+    /// i32 scratch for one leaf: the address of a string's bytes.
+    pub const ADDRESS: u32 = 7;
     /// i64 locals from here on: one per distinct `now() ± offset` instant of the plan.
-    pub const FIRST_INSTANT: u32 = 6;
+    pub const FIRST_INSTANT: u32 = 8;
 }
+
+/// Longest string literal compared inline (without a call and a loop per row).
+const INLINE_MAX_BYTES: usize = 8;
 
 /// `membrane_eval(input, users, out, now_ms)`: computes the plan's `now() ± offset` instants
 /// once, then evaluates the plan for each row and stores one result byte per user.
@@ -32,7 +39,7 @@ pub(super) fn eval_function(plan: &Plan, literals: &mut LiteralPool) -> Function
     let row_stride = (plan.facts.len() * SLOT_BYTES) as i32;
 
     let mut codegen = NodeCodegen {
-        f: Function::new([(2, ValType::I32), (offsets_ms.len() as u32, ValType::I64)]),
+        f: Function::new([(4, ValType::I32), (offsets_ms.len() as u32, ValType::I64)]),
         literals,
         offsets_ms,
     };
@@ -92,13 +99,50 @@ fn collect_now_offsets(node: &Node, offsets_ms: &mut Vec<i64>) {
     }
 }
 
+/// Whether a node's code has no branch at all: it reads only its row's slots (or a string
+/// through an address made safe by `select`), so it can run whether or not it is needed. Such
+/// items of an `and`/`or` are combined with `i32.and`/`i32.or` instead of short-circuiting,
+/// which costs a few instructions but no branch to mispredict on unpredictable data.
+fn branch_free(node: &Node) -> bool {
+    match node {
+        Node::And(items) | Node::Or(items) => items.iter().all(branch_free),
+        Node::Not(inner) => branch_free(inner),
+        Node::Count { .. } | Node::PropNow { .. } => true,
+        Node::Prop { test, .. } => match test {
+            PropertyTest::Compare { cmp, value } => comparison_branch_free(*cmp, value),
+            PropertyTest::Exists | PropertyTest::NotExists => true,
+            PropertyTest::In { values } => values
+                .iter()
+                .all(|value| comparison_branch_free(CmpOp::Eq, value)),
+            PropertyTest::Contains { .. } | PropertyTest::StartsWith { .. } => false,
+        },
+    }
+}
+
+/// Every comparison but string ordering and (in)equality with a long string is branch-free.
+fn comparison_branch_free(op: CmpOp, literal: &Literal) -> bool {
+    match literal {
+        Literal::Str(text) => matches!(op, CmpOp::Eq | CmpOp::Ne) && text.len() <= INLINE_MAX_BYTES,
+        Literal::Num(_) | Literal::Bool(_) | Literal::Null => true,
+    }
+}
+
 /// Emits code for plan nodes inside `membrane_eval`. Every node leaves one i32 (0 or 1) on the
-/// stack and reads its facts relative to the current row address in [`local::ROW`].
+/// stack and reads its facts relative to the current row address in [`local::ROW`]. No node
+/// reads memory that may be outside the batch (a string's bytes are read only behind a check
+/// of its tag and length), so any node can run eagerly.
 struct NodeCodegen<'a> {
     f: Function,
     literals: &'a mut LiteralPool,
     /// `offsets_ms[i]` is held (added to `now_ms`) in local `FIRST_INSTANT + i`.
     offsets_ms: Vec<i64>,
+}
+
+/// How the items of an `and`/`or` combine.
+#[derive(Clone, Copy)]
+enum Combine {
+    All,
+    Any,
 }
 
 /// How the operands of a comparison are typed on the wasm stack.
@@ -125,8 +169,8 @@ enum SlotArgs {
 impl NodeCodegen<'_> {
     fn node(&mut self, node: &Node) {
         match node {
-            Node::And(items) => self.all_of(items.len(), |this, i| this.node(&items[i])),
-            Node::Or(items) => self.any_of(items.len(), |this, i| this.node(&items[i])),
+            Node::And(items) => self.combine(items, Combine::All),
+            Node::Or(items) => self.combine(items, Combine::Any),
             Node::Not(inner) => {
                 self.node(inner);
                 self.f.instructions().i32_eqz();
@@ -138,6 +182,35 @@ impl NodeCodegen<'_> {
                 op,
                 offset_secs,
             } => self.prop_now(*fact, *op, *offset_secs),
+        }
+    }
+
+    /// `all`/`any` of `items`: the branch-free items first, computed together with
+    /// `i32.and`/`i32.or`, then the others, each run only when the outcome is still open.
+    fn combine(&mut self, items: &[Node], combine: Combine) {
+        let (eager, guarded): (Vec<&Node>, Vec<&Node>) =
+            items.iter().partition(|item| branch_free(item));
+        let eager_parts = usize::from(!eager.is_empty());
+        let part = |this: &mut Self, index: usize| match index.checked_sub(eager_parts) {
+            None => this.eagerly(eager.len(), combine, |this, i| this.node(eager[i])),
+            Some(index) => this.node(guarded[index]),
+        };
+        match combine {
+            Combine::All => self.all_of(eager_parts + guarded.len(), part),
+            Combine::Any => self.any_of(eager_parts + guarded.len(), part),
+        }
+    }
+
+    /// `count` (at least one) items combined without branches.
+    fn eagerly(&mut self, count: usize, combine: Combine, mut item: impl FnMut(&mut Self, usize)) {
+        for index in 0..count {
+            item(self, index);
+            if index > 0 {
+                match combine {
+                    Combine::All => self.f.instructions().i32_and(),
+                    Combine::Any => self.f.instructions().i32_or(),
+                };
+            }
         }
     }
 
@@ -207,9 +280,17 @@ impl NodeCodegen<'_> {
             }
             PropertyTest::Contains { value } => self.contains(fact, value),
             PropertyTest::StartsWith { value } => self.starts_with(fact, value),
-            PropertyTest::In { values } => self.any_of(values.len(), |this, i| {
-                this.compare(fact, CmpOp::Eq, &values[i])
-            }),
+            PropertyTest::In { values } => {
+                let compare = |this: &mut Self, i: usize| this.compare(fact, CmpOp::Eq, &values[i]);
+                let branch_free = values
+                    .iter()
+                    .all(|value| comparison_branch_free(CmpOp::Eq, value));
+                if !values.is_empty() && branch_free {
+                    self.eagerly(values.len(), Combine::Any, compare)
+                } else {
+                    self.any_of(values.len(), compare)
+                }
+            }
         }
     }
 
@@ -227,7 +308,13 @@ impl NodeCodegen<'_> {
                     .f64_const((*number).into());
                 this.push_op(op, Operands::F64);
             }),
-            Literal::Str(text) => self.typed_compare(fact, tag::STRING, op, |this| {
+            Literal::Str(text) if is_equality && text.len() <= INLINE_MAX_BYTES => {
+                self.short_string_equals(fact, text);
+                if op == CmpOp::Ne {
+                    self.f.instructions().i32_eqz();
+                }
+            }
+            Literal::Str(text) => self.guarded_compare(fact, tag::STRING, op, |this| {
                 this.string_compare(fact, op, text)
             }),
             Literal::Bool(expected) if is_equality => {
@@ -253,9 +340,25 @@ impl NodeCodegen<'_> {
         }
     }
 
-    /// `tag == expected_tag ? <comparison> : (op == !=)`; `push_comparison` pushes the 0/1
-    /// outcome of the typed comparison.
+    /// `tag == expected_tag ? <comparison> : (op == !=)` as a `select`: `push_comparison`
+    /// pushes the 0/1 outcome of the typed comparison, reading only the slot, so it may run on
+    /// a slot of another type.
     fn typed_compare(
+        &mut self,
+        fact: usize,
+        expected_tag: u32,
+        op: CmpOp,
+        push_comparison: impl FnOnce(&mut Self),
+    ) {
+        push_comparison(self);
+        self.f.instructions().i32_const(i32::from(op == CmpOp::Ne));
+        self.push_tag_is(fact, expected_tag);
+        self.f.instructions().select();
+    }
+
+    /// [`Self::typed_compare`] for a comparison that reads through the slot's address: it runs
+    /// only when the tag matches.
+    fn guarded_compare(
         &mut self,
         fact: usize,
         expected_tag: u32,
@@ -297,7 +400,8 @@ impl NodeCodegen<'_> {
         self.push_op(op, Operands::I32);
     }
 
-    /// Whether a slot already known to hold a string equals `text`.
+    /// Whether a slot already known to hold a string equals `text` (longer than
+    /// [`INLINE_MAX_BYTES`]; shorter ones go through [`Self::short_string_equals`]).
     fn string_equals(&mut self, fact: usize, text: &str) {
         let slot = SlotFields::of_fact(fact);
         self.f
@@ -309,21 +413,54 @@ impl NodeCodegen<'_> {
         self.and_then(|this| this.leading_bytes_equal(fact, text));
     }
 
+    /// Whether a slot is a string equal to `text` (at most [`INLINE_MAX_BYTES`] long), without
+    /// a branch: when the slot is not a string of that length, the bytes compared are the
+    /// literal's own (always in memory) and the outcome is masked to 0.
+    fn short_string_equals(&mut self, fact: usize, text: &str) {
+        let slot = SlotFields::of_fact(fact);
+        let literal_address = self.literals.address_of(text);
+        self.push_tag_is(fact, tag::STRING);
+        let mut sink = self.f.instructions();
+        sink.local_get(local::ROW)
+            .i32_load(slot.len())
+            .i32_const(text.len() as i32)
+            .i32_eq()
+            .i32_and()
+            .local_set(local::GUARD)
+            .local_get(local::ROW)
+            .i32_load(slot.address())
+            .i32_const(literal_address as i32)
+            .local_get(local::GUARD)
+            .select()
+            .local_set(local::ADDRESS)
+            .local_get(local::GUARD);
+        self.bytes_at_address_equal(text);
+        self.f.instructions().i32_and();
+    }
+
     /// Whether the first `literal.len()` bytes of a string slot (known to be at least that
-    /// long) are the literal's. Short literals, the common case (`plan == "pro"`), are
-    /// compared inline byte by byte, sparing a call and a loop per row.
+    /// long) are the literal's.
     fn leading_bytes_equal(&mut self, fact: usize, literal: &str) {
-        const INLINE_MAX_BYTES: usize = 8;
         if literal.len() > INLINE_MAX_BYTES {
             self.call_with_string(fact, literal, SlotArgs::Address, func::BYTES_EQUAL);
             return;
         }
-        let slot = SlotFields::of_fact(fact);
+        self.f
+            .instructions()
+            .local_get(local::ROW)
+            .i32_load(SlotFields::of_fact(fact).address())
+            .local_set(local::ADDRESS);
+        self.bytes_at_address_equal(literal);
+    }
+
+    /// Whether the bytes at the address in [`local::ADDRESS`] start with `literal` (at most
+    /// [`INLINE_MAX_BYTES`] long), compared inline with the widest loads first (8, 4, 2, 1
+    /// bytes), each reading only bytes of the literal's length: a 3-byte literal is one 16-bit
+    /// and one 8-bit comparison.
+    fn bytes_at_address_equal(&mut self, literal: &str) {
         let bytes = literal.as_bytes();
         let mut sink = self.f.instructions();
         sink.i32_const(1);
-        // Widest loads first (8, 4, 2, 1 bytes), each reading only bytes of the string: a
-        // 3-byte literal is one 16-bit and one 8-bit comparison.
         let mut offset = 0;
         for width in [8, 4, 2, 1] {
             while bytes.len() - offset >= width {
@@ -331,7 +468,7 @@ impl NodeCodegen<'_> {
                 word[..width].copy_from_slice(&bytes[offset..offset + width]);
                 let word = u64::from_le_bytes(word);
                 let at = memory_arg(offset as u64, 0);
-                sink.local_get(local::ROW).i32_load(slot.address());
+                sink.local_get(local::ADDRESS);
                 match width {
                     8 => sink.i64_load(at).i64_const(word as i64).i64_eq(),
                     4 => sink.i32_load(at).i32_const(word as u32 as i32).i32_eq(),
@@ -413,14 +550,13 @@ impl NodeCodegen<'_> {
         let slot = SlotFields::of_fact(fact);
         let instant = self.instant_local(offset_secs.saturating_mul(1000));
         self.push_tag_is(fact, tag::TIMESTAMP);
-        self.and_then(|this| {
-            this.f
-                .instructions()
-                .local_get(local::ROW)
-                .i64_load(slot.payload())
-                .local_get(instant);
-            this.push_op(op, Operands::I64);
-        });
+        self.f
+            .instructions()
+            .local_get(local::ROW)
+            .i64_load(slot.payload())
+            .local_get(instant);
+        self.push_op(op, Operands::I64);
+        self.f.instructions().i32_and();
     }
 
     fn instant_local(&self, offset_ms: i64) -> u32 {
