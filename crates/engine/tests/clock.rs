@@ -126,6 +126,10 @@ async fn on_time(store: &Store, key: &str, exact: DateTime<Utc>, reason: &str) -
         found.occurred_at
     );
     let late = found.created_at - exact;
+    eprintln!(
+        "{key}: committed {} ms after its instant",
+        late.num_milliseconds()
+    );
     assert!(
         late <= ON_TIME,
         "{key} committed {late} after its instant {exact}"
