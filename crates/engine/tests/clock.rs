@@ -465,6 +465,12 @@ async fn timers_move_memberships_on_time() {
     let stats = engine.stats();
     assert!(stats.timers_fired.get() > 0);
     assert!(stats.timers_armed.get() >= stats.timers_fired.get());
+    // At least the deferred `sticky` leave's window edge and `capped`'s refused re-join.
+    assert!(
+        stats.timers_stale.get() >= 2,
+        "{}",
+        stats.timers_stale.get()
+    );
     let sweeps: i64 = sqlx::query_scalar("SELECT count(*) FROM sweep_runs")
         .fetch_one(store.pool())
         .await
