@@ -3,6 +3,7 @@
 //! each clock-driven transition must be written by a timer (source `timer`), never before its
 //! exact instant (computed from the event times and the entry instants) and committed within
 //! 1.5 s of it, and every user's transitions must be exactly the expected keys, once each.
+//! Timers due together beyond the claim batch all fire on time; a disabled bucket's do not.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -15,6 +16,10 @@ use serde_json::{json, Map, Value};
 
 /// How late a clock-driven transition may be committed after its exact instant.
 const ON_TIME: TimeDelta = TimeDelta::milliseconds(1_500);
+
+/// Users whose timers come due at one instant, several times the engine's claim batch.
+const CROWD: usize = 60;
+const BATCH: i64 = 10;
 
 const BUCKETS: &[(&str, &str)] = &[
     ("window", r#"criteria = 'event("ping").within(3s).exists()'"#),
@@ -47,6 +52,8 @@ const BUCKETS: &[(&str, &str)] = &[
         "marks",
         "criteria = 'prop(\"plan\") == \"pro\"'\ndwell = [\"1s\", \"3s\"]\ndwell_every = \"2s\"",
     ),
+    ("crowd", r#"criteria = 'event("beat").within(2s).exists()'"#),
+    ("paused", r#"criteria = 'event("tick").within(1s).exists()'"#),
     (
         "period",
         "criteria = 'event(\"buy\").within(1s).exists()'\nentry_limit = \"once_per_period\"\nentry_period = \"3s\"",
@@ -126,6 +133,10 @@ async fn on_time(store: &Store, key: &str, exact: DateTime<Utc>, reason: &str) -
         found.occurred_at
     );
     let late = found.created_at - exact;
+    eprintln!(
+        "{key}: committed {} ms after its instant",
+        late.num_milliseconds()
+    );
     assert!(
         late <= ON_TIME,
         "{key} committed {late} after its instant {exact}"
@@ -365,6 +376,54 @@ async fn once_per_period(store: &Store) {
     assert_eq!(epochs, 3, "the silent re-entry still wrote its membership");
 }
 
+/// Many timers due at the same instant, several times the claim batch: none waits behind the
+/// batch limit.
+async fn crowd_beyond_the_batch(store: &Store) {
+    let t0 = now_ms();
+    let users: Vec<String> = (0..CROWD).map(|i| format!("crowd{i:03}")).collect();
+    let beats: Vec<Message> = users
+        .iter()
+        .map(|user| Message::Track {
+            message_id: None,
+            user_id: user.clone(),
+            event: "beat".to_owned(),
+            occurred_at: t0,
+            properties: Map::new(),
+        })
+        .collect();
+    store.ingest(&beats).await.expect("beats are ingested");
+    let exact = t0 + TimeDelta::milliseconds(2_001);
+    for user in &users {
+        on_time(store, &key("crowd", user, "left:1"), exact, "criteria").await;
+    }
+    for user in &users {
+        exactly(store, "crowd", user, &["entered:1", "left:1"]).await;
+    }
+}
+
+/// A disabled bucket's timers do not fire; once it is enabled again, they do.
+async fn disabled_bucket_waits(store: &Store) {
+    let t0 = now_ms();
+    track(store, "q1", "tick", t0).await;
+    committed(store, &key("paused", "q1", "entered:1"), secs(5)).await;
+    assert!(
+        membrane_store::console::set_bucket_enabled(store, "paused", false)
+            .await
+            .expect("the switch is writable")
+    );
+    let due = t0 + TimeDelta::milliseconds(1_001);
+    tokio::time::sleep((due - Utc::now() + ON_TIME).to_std().unwrap_or_default()).await;
+    assert!(store.is_member("paused", "q1").await.expect("readable"));
+    exactly(store, "paused", "q1", &["entered:1"]).await;
+    membrane_store::console::set_bucket_enabled(store, "paused", true)
+        .await
+        .expect("the switch is writable");
+    // The timer task looks at least every 5 s; nothing wakes it when a bucket is enabled.
+    let left = committed(store, &key("paused", "q1", "left:1"), secs(8)).await;
+    assert_eq!(left.source, "timer");
+    exactly(store, "paused", "q1", &["entered:1", "left:1"]).await;
+}
+
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
@@ -384,6 +443,7 @@ async fn timers_move_memberships_on_time() {
     let mut config = EngineConfig::new(dir.path().to_path_buf());
     // Only timers can do it: no sweep runs while the test does.
     config.sweep_interval = Duration::from_secs(3_600);
+    config.batch_size = BATCH;
     let engine = membrane_engine::start(store.clone(), config)
         .await
         .expect("the engine starts");
@@ -398,11 +458,19 @@ async fn timers_move_memberships_on_time() {
         max_dwell_without_rejoin(&store),
         dwell_marks(&store),
         once_per_period(&store),
+        crowd_beyond_the_batch(&store),
+        disabled_bucket_waits(&store),
     );
 
     let stats = engine.stats();
     assert!(stats.timers_fired.get() > 0);
     assert!(stats.timers_armed.get() >= stats.timers_fired.get());
+    // At least the deferred `sticky` leave's window edge and `capped`'s refused re-join.
+    assert!(
+        stats.timers_stale.get() >= 2,
+        "{}",
+        stats.timers_stale.get()
+    );
     let sweeps: i64 = sqlx::query_scalar("SELECT count(*) FROM sweep_runs")
         .fetch_one(store.pool())
         .await
