@@ -86,8 +86,8 @@ pub async fn evaluate_batch(
     let mut leaves = Vec::new();
     let mut expired = Vec::new();
     let mut marks = Vec::new();
-    // Each user's membership after this evaluation: `Some(entered_at)` while a member, with
-    // whether a criteria leave is waiting for min_dwell.
+    // Each user's membership after this evaluation: `Some((entered_at, deferred))` while a
+    // member, `deferred` when a criteria leave waits for min_dwell.
     let mut after: Vec<Option<(DateTime<Utc>, bool)>> = Vec::with_capacity(users.len());
     for (user, &member) in users.iter().zip(&verdicts) {
         let Some(current) = active.get(user) else {

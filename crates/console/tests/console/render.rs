@@ -126,3 +126,30 @@ fn header_and_engines_pane_say_when_something_is_wrong() {
     assert!(header.contains("⚠ connection refused"), "header: {header}");
     assert!(screen.contains("No engine has reported a heartbeat."));
 }
+
+#[test]
+fn a_running_backfill_shows_its_percentage() {
+    let mut snapshot = fixture::snapshot(1_214);
+    let bucket = &mut snapshot.buckets[0];
+    bucket.backfilled = false;
+    bucket.backfill = Some(membrane_store::BackfillProgress {
+        bucket_id: bucket.id.clone(),
+        criteria_hash: "h1".to_owned(),
+        cursor: "user-0420".to_owned(),
+        users_done: 420,
+        total_estimate: 1_000,
+        started_at: fixture::now(),
+        finished_at: None,
+    });
+    let mut app = App::default();
+    app.apply_snapshot(snapshot);
+    let terminal = draw(&app);
+    let screen: String = terminal
+        .backend()
+        .buffer()
+        .content()
+        .iter()
+        .map(|cell| cell.symbol())
+        .collect();
+    assert!(screen.contains("fill 42%"), "{}", terminal.backend());
+}
