@@ -57,6 +57,9 @@ pub struct EngineConfig {
     pub page_size: i64,
     /// Poll interval of the queue when no notification arrives.
     pub poll_interval: Duration,
+    /// Whether this engine fires due timers. Every engine arms them; with this off (say, for
+    /// an ingest-only process) others fire them, and sweeps remain the backstop.
+    pub fire_timers: bool,
     pub wasm_limits: membrane_wasm::Limits,
     pub webhooks: webhooks::WebhookConfig,
 }
@@ -70,6 +73,7 @@ impl EngineConfig {
             batch_size: 500,
             page_size: 2_000,
             poll_interval: Duration::from_millis(250),
+            fire_timers: true,
             wasm_limits: membrane_wasm::Limits::default(),
             webhooks: webhooks::WebhookConfig::default(),
         }
@@ -307,7 +311,9 @@ pub async fn start(store: Store, config: EngineConfig) -> Result<EngineHandle, E
     tasks.spawn(watcher);
     tasks.spawn(background::realtime(shared.clone(), stopped.clone()));
     tasks.spawn(background::sweeps(shared.clone(), stopped.clone()));
-    tasks.spawn(timers::fire(shared.clone(), stopped.clone()));
+    if shared.config.fire_timers {
+        tasks.spawn(timers::fire(shared.clone(), stopped.clone()));
+    }
     tasks.spawn(background::backfills(shared.clone(), stopped.clone()));
     tasks.spawn(webhooks::deliver(shared.clone(), stopped.clone()));
     tasks.spawn(background::heartbeats(shared.clone(), stopped));
