@@ -13,6 +13,8 @@ criteria = 'event("ping").within(3s).exists()'
 #[tokio::test(flavor = "multi_thread")]
 async fn http_event_enters_then_window_expiry_leaves() {
     let engine = RunningEngine::start(&[("pinged.toml", PINGED)]).await;
+    // The event is stamped when the server receives it: after this, before the join.
+    let sent = chrono::Utc::now();
     engine.track("alice", "ping").await;
 
     let entered = engine
@@ -35,15 +37,16 @@ async fn http_event_enters_then_window_expiry_leaves() {
         "left by {}",
         left.source
     );
-    let window_end = entered.occurred_at + chrono::Duration::seconds(3);
+    let window = chrono::Duration::seconds(3);
     assert!(
-        left.occurred_at >= window_end,
+        left.occurred_at >= sent + window,
         "left before the window ended"
     );
+    let latest_window_end = entered.occurred_at + window;
     assert!(
-        left.occurred_at - window_end < chrono::Duration::milliseconds(1500),
+        left.occurred_at - latest_window_end < chrono::Duration::milliseconds(1500),
         "left {} after the window ended",
-        left.occurred_at - window_end
+        left.occurred_at - latest_window_end
     );
 
     // Another ping starts epoch 2; nothing of epoch 1 is written again.

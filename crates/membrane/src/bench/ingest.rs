@@ -48,6 +48,9 @@ pub struct IngestOptions {
     /// Duration of the latency phase, in seconds.
     #[arg(long, default_value_t = 20)]
     seconds: u64,
+    /// How often the engine sweeps time-based buckets, in seconds (as `membrane run`).
+    #[arg(long, default_value_t = 60.0)]
+    sweep_interval: f64,
 }
 
 pub async fn run(options: IngestOptions) -> Result<std::process::ExitCode> {
@@ -67,12 +70,11 @@ pub async fn run(options: IngestOptions) -> Result<std::process::ExitCode> {
 }
 
 async fn measure(store: &Store, buckets_dir: &Path, options: &IngestOptions) -> Result<()> {
-    let engine = membrane_engine::start(
-        store.clone(),
-        membrane_engine::EngineConfig::new(buckets_dir.to_owned()),
-    )
-    .await
-    .context("cannot start the engine")?;
+    let mut config = membrane_engine::EngineConfig::new(buckets_dir.to_owned());
+    config.sweep_interval = Duration::from_secs_f64(options.sweep_interval.max(0.05));
+    let engine = membrane_engine::start(store.clone(), config)
+        .await
+        .context("cannot start the engine")?;
     wait_for_backfills(store).await?;
     let api = membrane_http::router(
         store.clone(),
