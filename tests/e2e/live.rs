@@ -69,12 +69,7 @@ async fn http_event_enters_then_window_expiry_leaves() {
         Some(1)
     );
 
-    let metrics = reqwest::get(format!("{}/metrics", engine.base_url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = engine.metrics().await;
     for series in [
         "membrane_transitions_total{kind=\"entered\"} 2",
         "membrane_transitions_total{kind=\"left\"} 1",

@@ -129,12 +129,7 @@ async fn official_python_library_changes_memberships() {
     wanted.sort();
     assert_eq!(entered, wanted);
     // Every message arrived once: the pings came in several batches of two.
-    let metrics = reqwest::get(format!("{}/metrics", engine.base_url))
-        .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = engine.metrics().await;
     assert!(
         metrics.contains("membrane_ingested_messages_total 10"),
         "{metrics}"
@@ -197,12 +192,7 @@ async fn unusable_compressed_bodies_are_refused() {
         .await
         .expect("the engine answers");
     assert_eq!(accepted.status(), 200);
-    let metrics = reqwest::get(format!("{}/metrics", engine.base_url))
-        .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = engine.metrics().await;
     // Only the well-formed gzip body was applied.
     assert!(
         metrics.contains("membrane_ingested_messages_total 1\n"),

@@ -97,6 +97,16 @@ impl RunningEngine {
         .await;
     }
 
+    /// The engine's `GET /metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.base_url))
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn transitions(&self) -> Vec<TransitionRow> {
         self.db
             .store
