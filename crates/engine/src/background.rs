@@ -1,7 +1,7 @@
 //! The engine's long-running tasks. Each loops until the stop signal, and a failing round is
 //! logged and retried rather than ending the task: Postgres rolls the round back.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -416,6 +416,9 @@ async fn backfill_bucket(
         },
         join_reason: "backfill",
         leave_reason: "criteria_changed",
+        // A user whose unprocessed change touches this bucket is recorded as the real-time
+        // path would have it, announced; the rest as the backfill records them.
+        live_if_pending: true,
     };
     let progress = store.resume_backfill(bucket.id(), &bucket.hash).await?;
     if progress.finished_at.is_some() {
@@ -434,30 +437,19 @@ async fn backfill_bucket(
         if !round.still_serving(bucket.id(), &bucket.hash).await? {
             break false; // disabled or replaced: the cursor keeps the place
         }
-        // A user whose unprocessed change touches this bucket joins as the real-time path
-        // would have it, announced; the rest join as the backfill records them.
-        let announced: HashSet<String> = round
-            .pending_changes(&page)
-            .await?
-            .into_iter()
-            .filter(|change| bucket.affected_by(change))
-            .map(|change| change.user_id)
-            .collect();
-        let users = page.len() as i64;
-        let (live, quiet): (Vec<String>, Vec<String>) =
-            page.into_iter().partition(|user| announced.contains(user));
-        let now = Utc::now();
-        let live_recording = Recording::live(bucket, Source::Event);
-        for (users, recording) in [(quiet, recording), (live, live_recording)] {
-            let outcome = evaluate_serving(shared, &mut round, bucket.clone(), &users, now, |_| {
-                recording
-            })
-            .await?;
-            total.evaluated += outcome.evaluated;
-            total.joined.memberships += outcome.joined.memberships;
-        }
+        let outcome = evaluate_serving(
+            shared,
+            &mut round,
+            bucket.clone(),
+            &page,
+            Utc::now(),
+            |_| recording,
+        )
+        .await?;
+        total.evaluated += outcome.evaluated;
+        total.joined.memberships += outcome.joined.memberships;
         round
-            .advance_backfill(bucket.id(), &bucket.hash, &last, users)
+            .advance_backfill(bucket.id(), &bucket.hash, &last, page.len() as i64)
             .await?;
         round.commit().await?;
         after = last;

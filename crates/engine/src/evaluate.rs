@@ -33,6 +33,12 @@ pub struct Recording {
     pub join_rule: EntryRule,
     pub join_reason: &'static str,
     pub leave_reason: &'static str,
+    /// Record users with an unprocessed change that touches the bucket as the real-time path
+    /// would (`Recording::live`, source `event`): a backfill must not silently absorb a change
+    /// the real-time path would announce. The queue is read after the facts, so every change
+    /// the facts include is still there to be seen (its round cannot commit while this one
+    /// holds the user).
+    pub live_if_pending: bool,
 }
 
 impl Recording {
@@ -42,6 +48,7 @@ impl Recording {
             join_rule: bucket.entry_rule(),
             join_reason: "criteria",
             leave_reason: "criteria",
+            live_if_pending: false,
         }
     }
 }
@@ -128,30 +135,60 @@ pub async fn evaluate_batch(
             }
         }
     }
-    let joined = round
-        .join(
-            bucket.id(),
-            &joins,
-            recording.join_rule,
-            recording.source,
-            recording.join_reason,
-            now,
-        )
-        .await?;
-    let mut left = round
-        .leave(
-            bucket.id(),
-            &leaves,
-            recording.source,
-            recording.leave_reason,
-            now,
-        )
-        .await?;
-    let forced = round
-        .leave(bucket.id(), &expired, recording.source, "max_dwell", now)
-        .await?;
-    left.memberships += forced.memberships;
-    left.transitions += forced.transitions;
+    let pending: HashSet<String> = if recording.live_if_pending {
+        let changed: Vec<String> = joins
+            .iter()
+            .chain(leaves.iter().map(|(user, _)| user))
+            .chain(expired.iter().map(|(user, _)| user))
+            .cloned()
+            .collect();
+        round
+            .pending_changes(&changed)
+            .await?
+            .into_iter()
+            .filter(|change| bucket.affected_by(change))
+            .map(|change| change.user_id)
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    let live = Recording::live(bucket, Source::Event);
+    let (live_joins, joins) = split_off(joins, |user| pending.contains(user));
+    let (live_leaves, leaves) = split_off(leaves, |(user, _)| pending.contains(user));
+    let (live_expired, expired) = split_off(expired, |(user, _)| pending.contains(user));
+    let mut joined = Applied::default();
+    let mut left = Applied::default();
+    for (recording, joins, leaves, expired) in [
+        (recording, joins, leaves, expired),
+        (live, live_joins, live_leaves, live_expired),
+    ] {
+        let applied = [round
+            .join(
+                bucket.id(),
+                &joins,
+                recording.join_rule,
+                recording.source,
+                recording.join_reason,
+                now,
+            )
+            .await?];
+        add(&mut joined, &applied);
+        let applied = [
+            round
+                .leave(
+                    bucket.id(),
+                    &leaves,
+                    recording.source,
+                    recording.leave_reason,
+                    now,
+                )
+                .await?,
+            round
+                .leave(bucket.id(), &expired, recording.source, "max_dwell", now)
+                .await?,
+        ];
+        add(&mut left, &applied);
+    }
     let dwell = round.dwell(bucket.id(), &marks, recording.source).await?;
 
     let now_ms = now.timestamp_millis();
@@ -193,6 +230,18 @@ pub async fn evaluate_batch(
         timers_armed,
         wasm: Some(wasm),
     })
+}
+
+/// `(matching, rest)`.
+fn split_off<T>(items: Vec<T>, matching: impl Fn(&T) -> bool) -> (Vec<T>, Vec<T>) {
+    items.into_iter().partition(|item| matching(item))
+}
+
+fn add(total: &mut Applied, applied: &[Applied]) {
+    for one in applied {
+        total.memberships += one.memberships;
+        total.transitions += one.transitions;
+    }
 }
 
 /// The criteria of a bucket whose membership can flip with no event, for [`next_change_at`].

@@ -53,6 +53,9 @@ pub struct EngineConfig {
     pub sweep_interval: Duration,
     /// Queue entries claimed per real-time round.
     pub batch_size: i64,
+    /// Real-time rounds this engine runs at once (each on its own connection): while one
+    /// waits for Postgres, another evaluates.
+    pub realtime_workers: usize,
     /// Users per set-based page of sweeps and backfills.
     pub page_size: i64,
     /// Poll interval of the queue when no notification arrives.
@@ -71,6 +74,7 @@ impl EngineConfig {
             engine_id: format!("engine-{}-{}", std::process::id(), rand_suffix()),
             sweep_interval: Duration::from_secs(60),
             batch_size: 500,
+            realtime_workers: 2,
             page_size: 2_000,
             poll_interval: Duration::from_millis(250),
             fire_timers: true,
@@ -309,7 +313,9 @@ pub async fn start(store: Store, config: EngineConfig) -> Result<EngineHandle, E
     let mut tasks = JoinSet::new();
     let watcher = reload::watch(shared.clone(), stopped.clone())?;
     tasks.spawn(watcher);
-    tasks.spawn(background::realtime(shared.clone(), stopped.clone()));
+    for _ in 0..shared.config.realtime_workers.max(1) {
+        tasks.spawn(background::realtime(shared.clone(), stopped.clone()));
+    }
     tasks.spawn(background::sweeps(shared.clone(), stopped.clone()));
     if shared.config.fire_timers {
         tasks.spawn(timers::fire(shared.clone(), stopped.clone()));

@@ -29,6 +29,16 @@ impl Store {
         .await?)
     }
 
+    /// Whether the evaluation queue is empty: one index probe, cheap enough to poll while a
+    /// benchmark runs (counting the queue, as the console does, would compete with it).
+    pub async fn queue_is_empty(&self) -> Result<bool> {
+        let first: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM eval_queue ORDER BY id LIMIT 1")
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(first.is_none())
+    }
+
     /// The id of the latest transition, 0 when there is none.
     pub async fn last_transition_id(&self) -> Result<i64> {
         Ok(

@@ -153,7 +153,8 @@ impl Store {
             return Ok(outcome);
         }
 
-        // Users in sorted order (BTreeMap) so concurrent ingests lock contacts in one order.
+        // Users in sorted order (BTreeMap): concurrent ingests creating the same contacts wait
+        // for each other in one order.
         let users: Vec<String> = changes.keys().map(|u| u.to_string()).collect();
         sqlx::query(
             "INSERT INTO contacts (user_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
@@ -161,13 +162,11 @@ impl Store {
         .bind(&users)
         .execute(&mut *tx)
         .await?;
-        // Every user's contact row stays locked until this ingest commits, taken in user order
-        // so concurrent ingests cannot deadlock. A round locks the same rows, so it sees all of
-        // an ingest's effects for a user (and its queue entry) or none of them.
-        sqlx::query("SELECT 1 FROM contacts WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE")
-            .bind(&users)
-            .execute(&mut *tx)
-            .await?;
+        // Events and queue entries take no row lock: a round evaluating one of these users
+        // meanwhile either sees this ingest or not (it commits at once), and the queue entry
+        // it has not claimed brings the user back in the next round. Only a property edit
+        // writes the contact row; those rows are locked first, in user order, because rounds
+        // lock them in that order and an UPDATE's own order would deadlock with them.
         let edited: Vec<(&str, &UserChange)> = changes
             .iter()
             .filter(|(_, c)| !c.set.is_empty() || !c.removed.is_empty())
@@ -175,6 +174,12 @@ impl Store {
             .collect();
         if !edited.is_empty() {
             let edited_users: Vec<&str> = edited.iter().map(|(u, _)| *u).collect();
+            sqlx::query(
+                "SELECT 1 FROM contacts WHERE user_id = ANY($1) ORDER BY user_id FOR NO KEY UPDATE",
+            )
+            .bind(&edited_users)
+            .execute(&mut *tx)
+            .await?;
             let sets: Vec<Value> = edited
                 .iter()
                 .map(|(_, c)| Value::Object(c.set.clone()))

@@ -78,8 +78,14 @@ impl Round {
         users: &[String],
     ) -> Result<HashMap<String, ActiveMember>> {
         let rows: Vec<(String, i32, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT user_id, epoch, entered_at FROM memberships \
-             WHERE bucket_id = $1 AND user_id = ANY($2) AND status = 'active'",
+            // One index probe per user, whatever the statistics say: on a table that grew
+            // since it was last analyzed, the planner scans the bucket's whole active set and
+            // filters it by user. (`LIMIT` keeps the subquery from being flattened into a
+            // join the planner could reorder; there is at most one active row anyway.)
+            "SELECT m.user_id, m.epoch, m.entered_at FROM unnest($2::text[]) AS u(user_id) \
+             CROSS JOIN LATERAL (SELECT user_id, epoch, entered_at FROM memberships \
+                 WHERE bucket_id = $1 AND user_id = u.user_id AND status = 'active' \
+                 LIMIT 1) AS m",
         )
         .bind(bucket_id)
         .bind(users)
@@ -160,8 +166,7 @@ impl Round {
             memberships,
             transitions,
         };
-        self.account(bucket_id, applied.memberships, applied)
-            .await?;
+        self.account(bucket_id, applied.memberships, applied);
         Ok(applied)
     }
 
@@ -208,8 +213,7 @@ impl Round {
             memberships,
             transitions,
         };
-        self.account(bucket_id, -applied.memberships, applied)
-            .await?;
+        self.account(bucket_id, -applied.memberships, applied);
         Ok(applied)
     }
 
@@ -255,27 +259,18 @@ impl Round {
                 memberships: 0,
                 transitions: written,
             },
-        )
-        .await?;
+        );
         Ok(written)
     }
 
-    /// Keeps `buckets.member_count` exact in the same transaction, and wakes listeners on commit.
-    async fn account(&mut self, bucket_id: &str, delta: i64, applied: Applied) -> Result<()> {
-        if delta != 0 {
-            sqlx::query("UPDATE buckets SET member_count = member_count + $2 WHERE id = $1")
-                .bind(bucket_id)
-                .bind(delta)
-                .execute(&mut *self.tx)
-                .await?;
+    /// Keeps `buckets.member_count` exact in the same transaction (applied at commit), and
+    /// wakes listeners on commit.
+    fn account(&mut self, bucket_id: &str, delta: i64, applied: Applied) {
+        if delta == 0 && applied.transitions == 0 {
+            return;
         }
-        if applied.transitions > 0 {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(TRANSITIONS_CHANNEL)
-                .bind(bucket_id)
-                .execute(&mut *self.tx)
-                .await?;
-        }
-        Ok(())
+        let account = self.accounts.entry(bucket_id.to_owned()).or_default();
+        account.member_delta += delta;
+        account.transitions |= applied.transitions > 0;
     }
 }

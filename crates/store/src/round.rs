@@ -10,6 +10,16 @@ use crate::{Result, Store};
 
 pub struct Round {
     pub(crate) tx: Transaction<'static, Postgres>,
+    /// Member-count changes and transition notices of the round, applied at commit: a
+    /// bucket's row stays locked only from then until the commit, not for the rest of the
+    /// round, so concurrent rounds touching the same buckets do not run one after the other.
+    pub(crate) accounts: BTreeMap<String, BucketAccount>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct BucketAccount {
+    pub(crate) member_delta: i64,
+    pub(crate) transitions: bool,
 }
 
 /// A user's claimed queue entries, merged.
@@ -24,6 +34,7 @@ impl Store {
     pub async fn begin_round(&self) -> Result<Round> {
         Ok(Round {
             tx: self.pool().begin().await?,
+            accounts: BTreeMap::new(),
         })
     }
 }
@@ -69,10 +80,13 @@ impl Round {
         Ok(merged)
     }
 
-    /// The unprocessed changes of `users` (call after [`Round::lock_users`], so no ingest for
-    /// them can commit in between): a backfill must not silently absorb a change the real-time
-    /// path will announce.
+    /// The unprocessed changes of `users`, merged per user. Entries a round has claimed but
+    /// not committed are still here, so with `users` locked every change not yet evaluated
+    /// shows, including those committed after this round's earlier reads.
     pub async fn pending_changes(&mut self, users: &[String]) -> Result<Vec<QueuedUser>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
         let rows: Vec<(String, Vec<String>, Vec<String>)> = sqlx::query_as(
             "SELECT user_id, event_names, prop_keys FROM eval_queue WHERE user_id = ANY($1)",
         )
@@ -95,7 +109,39 @@ impl Round {
         Ok(())
     }
 
-    pub async fn commit(self) -> Result<()> {
+    /// Applies the round's member counts (in bucket order, so concurrent rounds cannot
+    /// deadlock on them), announces its transitions, and commits.
+    pub async fn commit(mut self) -> Result<()> {
+        let (counted, deltas): (Vec<&str>, Vec<i64>) = self
+            .accounts
+            .iter()
+            .filter(|(_, account)| account.member_delta != 0)
+            .map(|(bucket, account)| (bucket.as_str(), account.member_delta))
+            .unzip();
+        if !counted.is_empty() {
+            sqlx::query(
+                "UPDATE buckets b SET member_count = b.member_count + d.delta \
+                 FROM (SELECT * FROM unnest($1::text[], $2::int8[]) AS d(id, delta) ORDER BY id) d \
+                 WHERE b.id = d.id",
+            )
+            .bind(&counted)
+            .bind(&deltas)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        let announced: Vec<&str> = self
+            .accounts
+            .iter()
+            .filter(|(_, account)| account.transitions)
+            .map(|(bucket, _)| bucket.as_str())
+            .collect();
+        if !announced.is_empty() {
+            sqlx::query("SELECT pg_notify($1, id) FROM unnest($2::text[]) AS b(id)")
+                .bind(crate::TRANSITIONS_CHANNEL)
+                .bind(&announced)
+                .execute(&mut *self.tx)
+                .await?;
+        }
         self.tx.commit().await?;
         Ok(())
     }

@@ -51,6 +51,12 @@ pub struct IngestOptions {
     /// How often the engine sweeps time-based buckets, in seconds (as `membrane run`).
     #[arg(long, default_value_t = 60.0)]
     sweep_interval: f64,
+    /// Queue entries the engine claims per real-time round (as `membrane run --round-size`).
+    #[arg(long)]
+    round_size: Option<i64>,
+    /// Real-time rounds the engine runs at once (as `membrane run --realtime-workers`).
+    #[arg(long)]
+    realtime_workers: Option<usize>,
 }
 
 pub async fn run(options: IngestOptions) -> Result<std::process::ExitCode> {
@@ -72,6 +78,12 @@ pub async fn run(options: IngestOptions) -> Result<std::process::ExitCode> {
 async fn measure(store: &Store, buckets_dir: &Path, options: &IngestOptions) -> Result<()> {
     let mut config = membrane_engine::EngineConfig::new(buckets_dir.to_owned());
     config.sweep_interval = Duration::from_secs_f64(options.sweep_interval.max(0.05));
+    if let Some(size) = options.round_size {
+        config.batch_size = size.max(1);
+    }
+    if let Some(workers) = options.realtime_workers {
+        config.realtime_workers = workers.max(1);
+    }
     let engine = membrane_engine::start(store.clone(), config)
         .await
         .context("cannot start the engine")?;
@@ -306,10 +318,10 @@ async fn sustained_rate(
 
 async fn wait_for_empty_queue(store: &Store) -> Result<()> {
     loop {
-        if store.queue_lag().await?.depth == 0 {
+        if store.queue_is_empty().await? {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
