@@ -46,20 +46,49 @@ pub(crate) fn report(shared: &Shared, task: &str, error: &EngineError) {
     tracing::error!(task, "{error}");
 }
 
-/// The real-time path: claims queued users in batches, evaluates each against the buckets
-/// their changes could affect, and commits memberships, transitions and the claim together.
-pub(crate) async fn realtime(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+/// Relays the queue's notifications to the real-time workers (one connection however many
+/// workers there are): each wakeup bumps the counter they watch.
+pub(crate) async fn queue_wakeups(
+    shared: Arc<Shared>,
+    wakeups: watch::Sender<u64>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let mut notifications = match shared.store.listen(&[QUEUE_CHANNEL]).await {
-        Ok(listener) => Some(listener),
+        Ok(listener) => listener,
         Err(error) => {
             tracing::warn!("queue notifications unavailable, polling only: {error}");
-            None
+            return;
         }
     };
     loop {
+        tokio::select! {
+            _ = stopped.changed() => return,
+            notified = notifications.recv() => match notified {
+                Ok(_) => wakeups.send_modify(|count| *count = count.wrapping_add(1)),
+                Err(error) => {
+                    tracing::warn!("queue notifications lost, polling only: {error}");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// The real-time path: claims queued users in batches, evaluates each against the buckets
+/// their changes could affect, and commits memberships, transitions and the claim together.
+pub(crate) async fn realtime(
+    shared: Arc<Shared>,
+    mut wakeups: watch::Receiver<u64>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        // Marked seen before claiming, so a change notified during the rounds wakes us again.
+        wakeups.borrow_and_update();
         loop {
             match realtime_round(&shared).await {
-                Ok(claimed) if claimed >= shared.config.batch_size as usize => continue,
+                // Claims skip users other rounds hold, so a short claim does not mean the
+                // queue is drained: go on until one finds nothing.
+                Ok(claimed) if claimed > 0 => continue,
                 Ok(_) => break,
                 Err(error) => {
                     report(&shared, "realtime", &error);
@@ -67,19 +96,11 @@ pub(crate) async fn realtime(shared: Arc<Shared>, mut stopped: watch::Receiver<b
                 }
             }
         }
-        let poll = shared.config.poll_interval;
         tokio::select! {
             _ = stopped.changed() => return,
-            _ = tokio::time::sleep(poll) => {}
-            notified = async {
-                match notifications.as_mut() {
-                    Some(listener) => listener.recv().await.map(drop),
-                    None => std::future::pending().await,
-                }
-            } => if let Err(error) = notified {
-                tracing::warn!("queue notifications lost, polling only: {error}");
-                notifications = None;
-            },
+            _ = tokio::time::sleep(shared.config.poll_interval) => {}
+            // An error means the relay stopped: polling goes on.
+            Ok(()) = wakeups.changed() => {}
         }
         if *stopped.borrow() {
             return;

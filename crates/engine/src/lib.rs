@@ -313,8 +313,18 @@ pub async fn start(store: Store, config: EngineConfig) -> Result<EngineHandle, E
     let mut tasks = JoinSet::new();
     let watcher = reload::watch(shared.clone(), stopped.clone())?;
     tasks.spawn(watcher);
+    let (wakeups, woken) = watch::channel(0);
+    tasks.spawn(background::queue_wakeups(
+        shared.clone(),
+        wakeups,
+        stopped.clone(),
+    ));
     for _ in 0..shared.config.realtime_workers.max(1) {
-        tasks.spawn(background::realtime(shared.clone(), stopped.clone()));
+        tasks.spawn(background::realtime(
+            shared.clone(),
+            woken.clone(),
+            stopped.clone(),
+        ));
     }
     tasks.spawn(background::sweeps(shared.clone(), stopped.clone()));
     if shared.config.fire_timers {

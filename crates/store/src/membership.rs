@@ -185,13 +185,19 @@ impl Round {
         }
         let (users, epochs): (Vec<String>, Vec<i32>) = members.iter().cloned().unzip();
         let (memberships, transitions): (i64, i64) = sqlx::query_as(
-            "WITH leaving AS (SELECT * FROM unnest($2::text[], $3::int[]) AS l(user_id, epoch)), \
+            // The rows are found by one primary-key probe each and updated by their tuple
+            // ids: joined to the list, the planner may scan the bucket's whole active set
+            // when its statistics are stale. A row changed meanwhile no longer matches its
+            // tuple id and is left alone, as the compare-and-swap wants.
+            "WITH targets AS MATERIALIZED ( \
+                 SELECT m.ctid AS tid FROM unnest($2::text[], $3::int[]) AS l(user_id, epoch) \
+                 CROSS JOIN LATERAL (SELECT ctid FROM memberships \
+                     WHERE bucket_id = $1 AND user_id = l.user_id AND epoch = l.epoch \
+                       AND status = 'active' LIMIT 1) AS m), \
              closed AS ( \
-                 UPDATE memberships m SET status = 'left', left_at = $6 \
-                 FROM leaving l \
-                 WHERE m.bucket_id = $1 AND m.user_id = l.user_id AND m.epoch = l.epoch \
-                   AND m.status = 'active' \
-                 RETURNING m.user_id, m.epoch), \
+                 UPDATE memberships SET status = 'left', left_at = $6 \
+                 WHERE ctid = ANY(ARRAY(SELECT tid FROM targets)) AND status = 'active' \
+                 RETURNING user_id, epoch), \
              emitted AS ( \
                  INSERT INTO transitions (key, bucket_id, user_id, kind, epoch, source, reason, occurred_at) \
                  SELECT 'bucket:' || $1 || ':' || user_id || ':left:' || epoch, \
@@ -238,8 +244,9 @@ impl Round {
                  SELECT 'bucket:' || $1 || ':' || d.user_id || ':dwell:' || d.epoch || ':' || d.label, \
                         $1, d.user_id, 'dwell', d.epoch, d.label, $2, 'dwell', d.at \
                  FROM unnest($3::text[], $4::int[], $5::text[], $6::timestamptz[]) AS d(user_id, epoch, label, at) \
-                 JOIN memberships m ON m.bucket_id = $1 AND m.user_id = d.user_id \
-                      AND m.epoch = d.epoch AND m.status = 'active' \
+                 WHERE EXISTS (SELECT 1 FROM memberships m WHERE m.bucket_id = $1 \
+                      AND m.user_id = d.user_id AND m.epoch = d.epoch AND m.status = 'active' \
+                      OFFSET 0) \
                  ON CONFLICT (key) DO NOTHING \
                  RETURNING 1) \
              SELECT count(*) FROM emitted",

@@ -62,21 +62,27 @@ fn merge_entries(rows: Vec<(String, Vec<String>, Vec<String>)>) -> Vec<QueuedUse
 }
 
 impl Round {
-    /// Claims up to `limit` queue entries (skipping those another evaluator holds), deletes them
-    /// as part of this round, and locks the claimed users so that no other round evaluates them
-    /// until this one commits. Returns one merged entry per user, ordered by user id.
+    /// Claims up to `limit` queue entries and locks their users, skipping entries another
+    /// round holds and users another round is evaluating (their entries wait for a later
+    /// round), so concurrent rounds never wait for each other. The claimed entries are
+    /// deleted as part of this round. Returns one merged entry per user, ordered by user id.
     pub async fn claim_queue(&mut self, limit: i64) -> Result<Vec<QueuedUser>> {
         let rows: Vec<(String, Vec<String>, Vec<String>)> = sqlx::query_as(
-            "DELETE FROM eval_queue WHERE id IN ( \
-                 SELECT id FROM eval_queue ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-             RETURNING user_id, event_names, prop_keys",
+            "WITH candidates AS MATERIALIZED ( \
+                 SELECT id, user_id FROM eval_queue ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED), \
+             locked AS MATERIALIZED ( \
+                 SELECT c.user_id FROM (SELECT DISTINCT user_id FROM candidates) AS u \
+                 CROSS JOIN LATERAL ( \
+                     SELECT user_id FROM contacts WHERE user_id = u.user_id \
+                     FOR UPDATE SKIP LOCKED) AS c) \
+             DELETE FROM eval_queue q USING candidates c \
+             WHERE q.id = c.id AND c.user_id IN (SELECT user_id FROM locked) \
+             RETURNING q.user_id, q.event_names, q.prop_keys",
         )
         .bind(limit)
         .fetch_all(&mut *self.tx)
         .await?;
         let merged = merge_entries(rows);
-        let users: Vec<String> = merged.iter().map(|u| u.user_id.clone()).collect();
-        self.lock_users(&users).await?;
         Ok(merged)
     }
 

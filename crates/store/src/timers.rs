@@ -47,17 +47,25 @@ impl Round {
         if users.is_empty() {
             return Ok(0);
         }
+        // Every lookup is a probe per user (a lateral subquery with `LIMIT`, or `EXISTS`
+        // with `OFFSET 0`, neither of which the planner turns into a join): on tables that
+        // grew since they were last analyzed, a join may be planned as a scan of the whole
+        // bucket or of every contact.
         let (armed, earliest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
             "WITH wanted AS ( \
                  SELECT DISTINCT ON (user_id) user_id, due_at \
                  FROM unnest($2::text[], $3::timestamptz[]) AS w(user_id, due_at)), \
              removed AS ( \
-                 DELETE FROM timers t USING wanted w \
-                 WHERE t.bucket_id = $1 AND t.user_id = w.user_id AND w.due_at IS NULL), \
+                 DELETE FROM timers WHERE ctid = ANY(ARRAY( \
+                     SELECT t.ctid FROM wanted w CROSS JOIN LATERAL ( \
+                         SELECT ctid FROM timers WHERE bucket_id = $1 AND user_id = w.user_id \
+                         LIMIT 1) AS t \
+                     WHERE w.due_at IS NULL))), \
              armed AS ( \
                  INSERT INTO timers (bucket_id, user_id, due_at) \
-                 SELECT $1, w.user_id, w.due_at FROM wanted w JOIN contacts c USING (user_id) \
+                 SELECT $1, w.user_id, w.due_at FROM wanted w \
                  WHERE w.due_at IS NOT NULL \
+                   AND EXISTS (SELECT 1 FROM contacts c WHERE c.user_id = w.user_id OFFSET 0) \
                  ON CONFLICT (bucket_id, user_id) DO UPDATE SET due_at = EXCLUDED.due_at \
                  WHERE timers.due_at IS DISTINCT FROM EXCLUDED.due_at \
                  RETURNING due_at) \
@@ -97,9 +105,10 @@ impl Round {
                      ORDER BY due_at LIMIT $3) AS t \
                  ORDER BY t.due_at LIMIT $3), \
              locked AS MATERIALIZED ( \
-                 SELECT user_id FROM contacts \
-                 WHERE user_id IN (SELECT user_id FROM due) \
-                 ORDER BY user_id FOR UPDATE SKIP LOCKED) \
+                 SELECT c.user_id FROM (SELECT DISTINCT user_id FROM due) AS u \
+                 CROSS JOIN LATERAL ( \
+                     SELECT user_id FROM contacts WHERE user_id = u.user_id \
+                     FOR UPDATE SKIP LOCKED) AS c) \
              SELECT d.bucket_id, d.user_id, d.due_at, (SELECT count(*) FROM due) \
              FROM due d JOIN locked l USING (user_id) \
              ORDER BY d.due_at",
