@@ -7,7 +7,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use membrane_criteria::bucket::{BucketBody, DwellMark, ReconcileJoins};
 use membrane_criteria::clock::{next_change_at, TimedFacts};
 use membrane_criteria::plan::Plan;
-use membrane_store::{ActiveMember, Applied, DwellDue, EntryRule, Round, Source};
+use membrane_store::{ActiveMember, Applied, ArmPolicy, DwellDue, EntryRule, Round, Source};
 
 use crate::registry::LoadedBucket;
 use crate::EngineError;
@@ -220,7 +220,18 @@ pub async fn evaluate_batch(
         })
         .collect();
     let timers_armed = round
-        .arm_timers(bucket.id(), users, &due, now + crate::timers::LONGEST_SLEEP)
+        .arm_timers(
+            bucket.id(),
+            users,
+            &due,
+            // The clock's own paths set timers exactly, so an early one is put right when it
+            // fires; the others only bring timers forward.
+            match recording.source {
+                Source::Timer | Source::Sweep => ArmPolicy::Exact,
+                Source::Event | Source::Backfill | Source::Operator => ArmPolicy::EarlierOnly,
+            },
+            now + crate::timers::LONGEST_SLEEP,
+        )
         .await?;
     Ok(Outcome {
         evaluated: users.len() as u64,

@@ -73,7 +73,7 @@ impl EngineConfig {
             buckets_dir,
             engine_id: format!("engine-{}-{}", std::process::id(), rand_suffix()),
             sweep_interval: Duration::from_secs(60),
-            batch_size: 500,
+            batch_size: 2_000,
             realtime_workers: 2,
             page_size: 2_000,
             poll_interval: Duration::from_millis(250),

@@ -245,8 +245,8 @@ impl Store {
 
 impl Store {
     /// Erases a user: every active membership is closed with a `left` transition (source
-    /// `operator`, reason `erased`) and the user's events, properties and pending changes are
-    /// deleted, in one transaction. Returns how many memberships were closed.
+    /// `operator`, reason `erased`) and the user's events, properties, pending changes and timers
+    /// are deleted, in one transaction. Returns how many memberships were closed.
     pub async fn erase_user(&self, user_id: &str) -> Result<i64> {
         let mut tx = self.pool().begin().await?;
         // Waits for any round evaluating this user, and holds later ones off until we commit.
@@ -283,6 +283,7 @@ impl Store {
         for statement in [
             "DELETE FROM events WHERE user_id = $1",
             "DELETE FROM eval_queue WHERE user_id = $1",
+            "DELETE FROM timers WHERE user_id = $1",
             "DELETE FROM contacts WHERE user_id = $1",
         ] {
             sqlx::query(statement)

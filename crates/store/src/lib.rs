@@ -26,7 +26,7 @@ pub use reads::{
     UserMembership,
 };
 pub use round::{QueuedUser, Round};
-pub use timers::{DueTimer, TimerClaim, TIMERS_CHANNEL};
+pub use timers::{ArmPolicy, DueTimer, TimerClaim, TIMERS_CHANNEL};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 

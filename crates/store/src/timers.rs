@@ -14,6 +14,17 @@ use crate::{Result, Store};
 /// in Unix milliseconds, so a sleeping timer task can wake earlier.
 pub const TIMERS_CHANNEL: &str = "membrane_timers";
 
+/// How [`Round::arm_timers`] treats a user's existing timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArmPolicy {
+    /// The timer becomes exactly the wanted instant, or goes.
+    Exact,
+    /// The timer only moves earlier (or is created): one due earlier than needed fires,
+    /// changes nothing, and is then re-armed exactly (the timer path arms `Exact`). Events
+    /// usually push a window's edge later, so most real-time evaluations write nothing.
+    EarlierOnly,
+}
+
 /// A timer that has come due.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DueTimer {
@@ -33,30 +44,30 @@ pub struct TimerClaim {
 }
 
 impl Round {
-    /// Sets the timer of each of `users` in `bucket_id` to the matching instant of `due`, or
-    /// removes it where that is `None`, in one statement. Users without a contact row (which no
-    /// round can lock) get no timer. When a timer is armed or moved to an instant before
-    /// `notify_before`, the timer task is told on commit. Returns how many were armed or moved.
+    /// Sets the timer of each of `users` in `bucket_id` to the matching instant of `due`
+    /// (`None`: no timer), in one statement, as `policy` says. When a timer is armed or moved
+    /// to an instant before `notify_before`, the timer task is told on commit. Returns how
+    /// many were armed or moved.
     pub async fn arm_timers(
         &mut self,
         bucket_id: &str,
         users: &[String],
         due: &[Option<DateTime<Utc>>],
+        policy: ArmPolicy,
         notify_before: DateTime<Utc>,
     ) -> Result<u64> {
         if users.is_empty() {
             return Ok(0);
         }
-        // Every lookup is a probe per user (a lateral subquery with `LIMIT`, or `EXISTS`
-        // with `OFFSET 0`, neither of which the planner turns into a join): on tables that
-        // grew since they were last analyzed, a join may be planned as a scan of the whole
-        // bucket or of every contact.
+        // Lookups are a probe per user (a lateral subquery with `LIMIT`, which the planner
+        // does not turn into a join): on a table that grew since it was last analyzed, a join
+        // may be planned as a scan of the whole bucket.
         let (armed, earliest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
             "WITH wanted AS ( \
                  SELECT DISTINCT ON (user_id) user_id, due_at \
                  FROM unnest($2::text[], $3::timestamptz[]) AS w(user_id, due_at)), \
              removed AS ( \
-                 DELETE FROM timers WHERE ctid = ANY(ARRAY( \
+                 DELETE FROM timers WHERE $4 AND ctid = ANY(ARRAY( \
                      SELECT t.ctid FROM wanted w CROSS JOIN LATERAL ( \
                          SELECT ctid FROM timers WHERE bucket_id = $1 AND user_id = w.user_id \
                          LIMIT 1) AS t \
@@ -65,15 +76,16 @@ impl Round {
                  INSERT INTO timers (bucket_id, user_id, due_at) \
                  SELECT $1, w.user_id, w.due_at FROM wanted w \
                  WHERE w.due_at IS NOT NULL \
-                   AND EXISTS (SELECT 1 FROM contacts c WHERE c.user_id = w.user_id OFFSET 0) \
                  ON CONFLICT (bucket_id, user_id) DO UPDATE SET due_at = EXCLUDED.due_at \
-                 WHERE timers.due_at IS DISTINCT FROM EXCLUDED.due_at \
+                 WHERE CASE WHEN $4 THEN timers.due_at IS DISTINCT FROM EXCLUDED.due_at \
+                            ELSE EXCLUDED.due_at < timers.due_at END \
                  RETURNING due_at) \
              SELECT count(*), min(due_at) FROM armed",
         )
         .bind(bucket_id)
         .bind(users)
         .bind(due)
+        .bind(policy == ArmPolicy::Exact)
         .fetch_one(&mut *self.tx)
         .await?;
         if let Some(earliest) = earliest.filter(|at| *at < notify_before) {

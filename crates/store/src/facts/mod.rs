@@ -134,7 +134,8 @@ fn window_start(now_ms: i64, within_secs: u64) -> Option<DateTime<Utc>> {
 /// array, `None` for non-numbers).
 type PropertyRow = (String, i64, Value, Option<f64>, Option<Vec<Option<f64>>>);
 
-/// The requested keys ($2) of the batch's contacts ($1). Numbers come back a second time as
+/// The requested keys ($2) of the batch's contacts ($1), one primary-key probe per user
+/// whatever the table's statistics say. Numbers come back a second time as
 /// float8, the exact nearest double: serde_json's default parser can be an ulp off on the long
 /// plain decimals Postgres prints (`-5.32579466948816e229` comes back as 230 digits), and the
 /// event filters compare with the same float8 reading.
@@ -145,10 +146,12 @@ const PROPERTIES_SQL: &str = "\
                SELECT CASE WHEN jsonb_typeof(element) = 'number' THEN element::float8 END \
                FROM jsonb_array_elements(v.value) WITH ORDINALITY AS a(element, position) \
                ORDER BY position) END \
-    FROM contacts c \
+    FROM unnest($1::text[]) AS u(user_id) \
+    CROSS JOIN LATERAL (SELECT user_id, properties FROM contacts WHERE user_id = u.user_id \
+                        LIMIT 1) AS c \
     CROSS JOIN unnest($2::text[]) WITH ORDINALITY AS k(key, ordinal) \
     CROSS JOIN LATERAL (SELECT c.properties -> k.key) AS v(value) \
-    WHERE c.user_id = ANY($1) AND c.properties ? k.key";
+    WHERE c.properties ? k.key";
 
 /// Sets a property value whose numbers (at the top level and as array elements: all the ABI
 /// lays out) are Postgres's float8 readings.
