@@ -6,6 +6,8 @@
 //! listen = "0.0.0.0:8080"
 //! buckets = "buckets"
 //! sweep_interval = "60s"        # or a number of seconds: 0.5
+//! round_size = 2000             # queue entries per real-time round
+//! realtime_workers = 2          # real-time rounds at once
 //! write_keys = ["wk_live_1"]
 //! read_tokens = ["rt_live_1"]
 //! log_format = "json"           # human | json
@@ -40,6 +42,8 @@ const TOP_KEYS: &[&str] = &[
     "listen",
     "buckets",
     "sweep_interval",
+    "round_size",
+    "realtime_workers",
     "write_keys",
     "read_tokens",
     "log_format",
@@ -70,6 +74,8 @@ pub struct FileConfig {
     pub buckets: Option<PathBuf>,
     #[serde(default, deserialize_with = "duration")]
     pub sweep_interval: Option<Duration>,
+    pub round_size: Option<u32>,
+    pub realtime_workers: Option<usize>,
     pub write_keys: Option<Vec<String>>,
     pub read_tokens: Option<Vec<String>>,
     pub log_format: Option<LogFormat>,
@@ -275,6 +281,8 @@ database_url = "postgres://db/membrane"
 listen = "0.0.0.0:9000"
 buckets = "segments"
 sweep_interval = 0.5
+round_size = 500
+realtime_workers = 3
 write_keys = ["w1", "w2"]
 read_tokens = ["r1"]
 log_format = "json"
@@ -296,6 +304,8 @@ backoff_max = "2m"
         );
         assert_eq!(config.buckets, Some(PathBuf::from("segments")));
         assert_eq!(config.sweep_interval, Some(Duration::from_millis(500)));
+        assert_eq!(config.round_size, Some(500));
+        assert_eq!(config.realtime_workers, Some(3));
         assert_eq!(config.write_keys, Some(vec!["w1".into(), "w2".into()]));
         assert_eq!(config.log_format, Some(LogFormat::Json));
         assert_eq!(

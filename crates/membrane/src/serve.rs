@@ -20,6 +20,12 @@ pub struct EngineArgs {
     /// How often time-based buckets are swept, in seconds [default: 60].
     #[arg(long, env = "MEMBRANE_SWEEP_INTERVAL")]
     pub sweep_interval: Option<f64>,
+    /// Queue entries claimed per real-time round [default: 2000].
+    #[arg(long, env = "MEMBRANE_ROUND_SIZE")]
+    pub round_size: Option<u32>,
+    /// Real-time rounds run at once, each on its own connection [default: 2].
+    #[arg(long, env = "MEMBRANE_REALTIME_WORKERS")]
+    pub realtime_workers: Option<usize>,
     /// Address of the HTTP API (port 0 picks a free port; the address is printed)
     /// [default: 127.0.0.1:8080].
     #[arg(long, env = "MEMBRANE_LISTEN")]
@@ -37,6 +43,8 @@ pub struct EngineArgs {
 pub struct RunSettings {
     pub buckets: PathBuf,
     pub sweep_interval: Duration,
+    pub round_size: Option<u32>,
+    pub realtime_workers: Option<usize>,
     pub listen: SocketAddr,
     pub write_keys: Vec<String>,
     pub read_tokens: Vec<String>,
@@ -65,6 +73,8 @@ impl EngineArgs {
                 .map(|seconds| Duration::from_secs_f64(seconds.max(0.05)))
                 .or(file.sweep_interval)
                 .unwrap_or(Duration::from_secs(60)),
+            round_size: self.round_size.or(file.round_size),
+            realtime_workers: self.realtime_workers.or(file.realtime_workers),
             listen: self
                 .listen
                 .or(file.listen)
@@ -86,6 +96,12 @@ pub async fn serve(store: Store, args: RunSettings, console: bool) -> Result<()>
     }
     let mut config = EngineConfig::new(args.buckets.clone());
     config.sweep_interval = args.sweep_interval.max(Duration::from_millis(50));
+    if let Some(size) = args.round_size {
+        config.batch_size = i64::from(size.max(1));
+    }
+    if let Some(workers) = args.realtime_workers {
+        config.realtime_workers = workers.max(1);
+    }
     config.webhooks = args.webhooks.clone();
     let engine = membrane_engine::start(store.clone(), config)
         .await

@@ -53,7 +53,7 @@ pub struct IngestOptions {
     sweep_interval: f64,
     /// Queue entries the engine claims per real-time round (as `membrane run --round-size`).
     #[arg(long)]
-    round_size: Option<i64>,
+    round_size: Option<u32>,
     /// Real-time rounds the engine runs at once (as `membrane run --realtime-workers`).
     #[arg(long)]
     realtime_workers: Option<usize>,
@@ -79,7 +79,7 @@ async fn measure(store: &Store, buckets_dir: &Path, options: &IngestOptions) -> 
     let mut config = membrane_engine::EngineConfig::new(buckets_dir.to_owned());
     config.sweep_interval = Duration::from_secs_f64(options.sweep_interval.max(0.05));
     if let Some(size) = options.round_size {
-        config.batch_size = size.max(1);
+        config.batch_size = i64::from(size.max(1));
     }
     if let Some(workers) = options.realtime_workers {
         config.realtime_workers = workers.max(1);
