@@ -492,6 +492,28 @@ async fn backfill_bucket(
     Ok(lock.release().await?)
 }
 
+/// How often an engine vacuums the queue and timer tables when the server does not.
+const VACUUM_INTERVAL: Duration = Duration::from_secs(5);
+
+/// When the server runs no autovacuum, vacuums the tables the hot path churns (see
+/// `membrane_store::maintenance`) itself; with autovacuum on, migration 0007's per-table
+/// settings keep them clean and this task ends at once.
+pub(crate) async fn vacuums(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    match shared.store.autovacuum_enabled().await {
+        Ok(true) => return,
+        Ok(false) => tracing::warn!(
+            "the server runs no autovacuum: this engine vacuums the queue and timer tables \
+             every {VACUUM_INTERVAL:?}; analyze the other tables regularly"
+        ),
+        Err(error) => return report(&shared, "vacuum", &error.into()),
+    }
+    while !pause(&mut stopped, VACUUM_INTERVAL).await {
+        if let Err(error) = shared.store.vacuum_hot_tables().await {
+            report(&shared, "vacuum", &error.into());
+        }
+    }
+}
+
 /// Publishes this engine's liveness and counters for the console.
 pub(crate) async fn heartbeats(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
     let started_at = Utc::now();

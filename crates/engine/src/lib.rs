@@ -332,6 +332,7 @@ pub async fn start(store: Store, config: EngineConfig) -> Result<EngineHandle, E
     }
     tasks.spawn(background::backfills(shared.clone(), stopped.clone()));
     tasks.spawn(webhooks::deliver(shared.clone(), stopped.clone()));
+    tasks.spawn(background::vacuums(shared.clone(), stopped.clone()));
     tasks.spawn(background::heartbeats(shared.clone(), stopped));
     Ok(EngineHandle {
         shared,

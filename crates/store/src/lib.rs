@@ -8,6 +8,7 @@ pub mod console;
 pub mod facts;
 pub mod imports;
 pub mod ingest;
+pub mod maintenance;
 pub mod membership;
 pub mod reads;
 pub mod round;
