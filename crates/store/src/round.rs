@@ -66,6 +66,10 @@ impl Round {
     /// round holds and users another round is evaluating (their entries wait for a later
     /// round), so concurrent rounds never wait for each other. The claimed entries are
     /// deleted as part of this round. Returns one merged entry per user, ordered by user id.
+    ///
+    /// An entry whose contact is gone is claimed too (nothing can be locked for it, and it
+    /// would otherwise stay queued for ever): an ingest that commits while its user is being
+    /// erased leaves one.
     pub async fn claim_queue(&mut self, limit: i64) -> Result<Vec<QueuedUser>> {
         let rows: Vec<(String, Vec<String>, Vec<String>)> = sqlx::query_as(
             "WITH candidates AS MATERIALIZED ( \
@@ -76,7 +80,9 @@ impl Round {
                      SELECT user_id FROM contacts WHERE user_id = u.user_id \
                      FOR UPDATE SKIP LOCKED) AS c) \
              DELETE FROM eval_queue q USING candidates c \
-             WHERE q.id = c.id AND c.user_id IN (SELECT user_id FROM locked) \
+             WHERE q.id = c.id \
+               AND (c.user_id IN (SELECT user_id FROM locked) \
+                    OR NOT EXISTS (SELECT 1 FROM contacts WHERE user_id = c.user_id OFFSET 0)) \
              RETURNING q.user_id, q.event_names, q.prop_keys",
         )
         .bind(limit)
