@@ -165,8 +165,9 @@ impl Store {
         // Events and queue entries take no row lock: a round evaluating one of these users
         // meanwhile either sees this ingest or not (it commits at once), and the queue entry
         // it has not claimed brings the user back in the next round. Only a property edit
-        // writes the contact row; those rows are locked first, in user order, because rounds
-        // lock them in that order and an UPDATE's own order would deadlock with them.
+        // writes the contact row; those rows are locked first, in user order, because sweeps
+        // and backfills lock their pages in that order and an UPDATE's own order could
+        // deadlock with them (real-time claims skip locked users and never wait).
         let edited: Vec<(&str, &UserChange)> = changes
             .iter()
             .filter(|(_, c)| !c.set.is_empty() || !c.removed.is_empty())
