@@ -162,7 +162,7 @@ pub async fn evaluate_batch(
         (recording, joins, leaves, expired),
         (live, live_joins, live_leaves, live_expired),
     ] {
-        let applied = [round
+        let applied = round
             .join(
                 bucket.id(),
                 &joins,
@@ -171,23 +171,22 @@ pub async fn evaluate_batch(
                 recording.join_reason,
                 now,
             )
-            .await?];
-        add(&mut joined, &applied);
-        let applied = [
-            round
-                .leave(
-                    bucket.id(),
-                    &leaves,
-                    recording.source,
-                    recording.leave_reason,
-                    now,
-                )
-                .await?,
-            round
-                .leave(bucket.id(), &expired, recording.source, "max_dwell", now)
-                .await?,
-        ];
-        add(&mut left, &applied);
+            .await?;
+        add(&mut joined, applied);
+        let applied = round
+            .leave(
+                bucket.id(),
+                &leaves,
+                recording.source,
+                recording.leave_reason,
+                now,
+            )
+            .await?;
+        add(&mut left, applied);
+        let applied = round
+            .leave(bucket.id(), &expired, recording.source, "max_dwell", now)
+            .await?;
+        add(&mut left, applied);
     }
     let dwell = round.dwell(bucket.id(), &marks, recording.source).await?;
 
@@ -248,11 +247,9 @@ fn split_off<T>(items: Vec<T>, matching: impl Fn(&T) -> bool) -> (Vec<T>, Vec<T>
     items.into_iter().partition(|item| matching(item))
 }
 
-fn add(total: &mut Applied, applied: &[Applied]) {
-    for one in applied {
-        total.memberships += one.memberships;
-        total.transitions += one.transitions;
-    }
+fn add(total: &mut Applied, applied: Applied) {
+    total.memberships += applied.memberships;
+    total.transitions += applied.transitions;
 }
 
 /// The criteria of a bucket whose membership can flip with no event, for [`next_change_at`].

@@ -84,6 +84,18 @@ impl EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// Overrides the real-time round size and worker count where given (each at least 1).
+    pub fn set_realtime(&mut self, round_size: Option<u32>, workers: Option<usize>) {
+        if let Some(size) = round_size {
+            self.batch_size = i64::from(size.max(1));
+        }
+        if let Some(workers) = workers {
+            self.realtime_workers = workers.max(1);
+        }
+    }
+}
+
 fn rand_suffix() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

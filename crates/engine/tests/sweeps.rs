@@ -52,6 +52,40 @@ async fn wait_for(store: &Store, key: &str, within: Duration) -> TransitionRow {
     }
 }
 
+/// One event for each of `users` users (`buy` where `buys` says so, else `look`), processed by
+/// an engine with no buckets; then a `buyers` bucket (`event("buy").exists()`) is written to
+/// the returned directory, for the next engine to backfill.
+async fn history_then_buyers_bucket(
+    store: &Store,
+    users: usize,
+    buys: impl Fn(usize) -> bool,
+) -> tempfile::TempDir {
+    let messages: Vec<Message> = (0..users)
+        .map(|user| Message::Track {
+            message_id: None,
+            user_id: format!("user-{user:05}"),
+            event: if buys(user) { "buy" } else { "look" }.to_owned(),
+            occurred_at: chrono::Utc::now(),
+            properties: Default::default(),
+        })
+        .collect();
+    store.ingest(&messages).await.expect("ingest");
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let drain = start(store, dir.path(), |_| {}).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.queued_changes().await.expect("queue") > 0 {
+        assert!(Instant::now() < deadline, "the queue did not drain");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drain.shutdown().await;
+    std::fs::write(
+        dir.path().join("buyers.toml"),
+        "criteria = 'event(\"buy\").exists()'\n",
+    )
+    .expect("bucket written");
+    dir
+}
+
 async fn backfill_of(store: &Store, bucket: &str) -> Option<BackfillProgress> {
     snapshot(store, 0)
         .await
@@ -163,31 +197,9 @@ async fn backfills_resume_after_a_crash_and_stop_while_disabled() {
     const USERS: usize = 6_000;
     let db = fresh_database().await.expect("a database");
     let store = db.store.clone();
-    let messages: Vec<Message> = (0..USERS)
-        .map(|user| Message::Track {
-            message_id: None,
-            user_id: format!("user-{user:05}"),
-            event: if user % 3 == 0 { "buy" } else { "look" }.to_owned(),
-            occurred_at: chrono::Utc::now(),
-            properties: Default::default(),
-        })
-        .collect();
-    store.ingest(&messages).await.expect("ingest");
     // The changes are processed before the bucket exists, so its backfill joins everyone
     // silently (a user with a pending change would join announced, as in real time).
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let drain = start(&store, dir.path(), |_| {}).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while store.queued_changes().await.expect("queue") > 0 {
-        assert!(Instant::now() < deadline, "the queue did not drain");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    drain.shutdown().await;
-    std::fs::write(
-        dir.path().join("buyers.toml"),
-        "criteria = 'event(\"buy\").exists()'\n",
-    )
-    .expect("bucket written");
+    let dir = history_then_buyers_bucket(&store, USERS, |user| user % 3 == 0).await;
     let small_pages = |c: &mut EngineConfig| {
         c.page_size = 25;
         c.sweep_interval = Duration::from_secs(3_600);
@@ -282,30 +294,7 @@ async fn changes_arriving_during_a_backfill_are_announced() {
     const USERS: usize = 3_000;
     let db = fresh_database().await.expect("a database");
     let store = db.store.clone();
-    let earlier: Vec<Message> = (0..USERS)
-        .map(|user| Message::Track {
-            message_id: None,
-            user_id: format!("user-{user:05}"),
-            event: if user < 100 { "buy" } else { "look" }.to_owned(),
-            occurred_at: chrono::Utc::now(),
-            properties: Default::default(),
-        })
-        .collect();
-    store.ingest(&earlier).await.expect("ingest");
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let drain = start(&store, dir.path(), |_| {}).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while store.queued_changes().await.expect("queue") > 0 {
-        assert!(Instant::now() < deadline, "the queue did not drain");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    drain.shutdown().await;
-
-    std::fs::write(
-        dir.path().join("buyers.toml"),
-        "criteria = 'event(\"buy\").exists()'\n",
-    )
-    .expect("bucket written");
+    let dir = history_then_buyers_bucket(&store, USERS, |user| user < 100).await;
     let engine = start(&store, dir.path(), |c| {
         c.page_size = 20;
         c.sweep_interval = Duration::from_secs(3_600);

@@ -96,12 +96,7 @@ pub async fn serve(store: Store, args: RunSettings, console: bool) -> Result<()>
     }
     let mut config = EngineConfig::new(args.buckets.clone());
     config.sweep_interval = args.sweep_interval.max(Duration::from_millis(50));
-    if let Some(size) = args.round_size {
-        config.batch_size = i64::from(size.max(1));
-    }
-    if let Some(workers) = args.realtime_workers {
-        config.realtime_workers = workers.max(1);
-    }
+    config.set_realtime(args.round_size, args.realtime_workers);
     config.webhooks = args.webhooks.clone();
     let engine = membrane_engine::start(store.clone(), config)
         .await

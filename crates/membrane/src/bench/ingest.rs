@@ -78,12 +78,7 @@ pub async fn run(options: IngestOptions) -> Result<std::process::ExitCode> {
 async fn measure(store: &Store, buckets_dir: &Path, options: &IngestOptions) -> Result<()> {
     let mut config = membrane_engine::EngineConfig::new(buckets_dir.to_owned());
     config.sweep_interval = Duration::from_secs_f64(options.sweep_interval.max(0.05));
-    if let Some(size) = options.round_size {
-        config.batch_size = i64::from(size.max(1));
-    }
-    if let Some(workers) = options.realtime_workers {
-        config.realtime_workers = workers.max(1);
-    }
+    config.set_realtime(options.round_size, options.realtime_workers);
     let engine = membrane_engine::start(store.clone(), config)
         .await
         .context("cannot start the engine")?;
