@@ -32,6 +32,14 @@ async fn edited_bucket_takes_effect_and_broken_edit_keeps_old_version() {
             t.key == "bucket:vip:gold-user:entered:1"
         })
         .await;
+    // A first-version backfill may announce the join while the change is still queued; the
+    // real-time round that then takes it must run before the edit, or it would apply the new
+    // criteria to that change and record the leave as its own (reason `criteria`).
+    eventually(Duration::from_secs(5), "the queue to drain", || {
+        let store = store.clone();
+        async move { store.queue_is_empty().await.ok()?.then_some(()) }
+    })
+    .await;
 
     std::fs::write(engine.bucket_path("vip.toml"), PLATINUM).unwrap();
     // The changed criteria re-evaluate everyone: the gold member leaves, emitted.
