@@ -72,18 +72,22 @@ impl Round {
     /// erased leaves one.
     pub async fn claim_queue(&mut self, limit: i64) -> Result<Vec<QueuedUser>> {
         let rows: Vec<(String, Vec<String>, Vec<String>)> = sqlx::query_as(
+            // Claimed rows are deleted by their tuple ids: joined to the candidates, the
+            // delete was planned as a hash join over a scan of the whole queue, 60 ms of a
+            // 90 ms claim with 100k entries queued.
             "WITH candidates AS MATERIALIZED ( \
-                 SELECT id, user_id FROM eval_queue ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED), \
+                 SELECT ctid AS tid, user_id FROM eval_queue ORDER BY id LIMIT $1 \
+                 FOR UPDATE SKIP LOCKED), \
              locked AS MATERIALIZED ( \
                  SELECT c.user_id FROM (SELECT DISTINCT user_id FROM candidates) AS u \
                  CROSS JOIN LATERAL ( \
                      SELECT user_id FROM contacts WHERE user_id = u.user_id \
                      FOR UPDATE SKIP LOCKED) AS c) \
-             DELETE FROM eval_queue q USING candidates c \
-             WHERE q.id = c.id \
-               AND (c.user_id IN (SELECT user_id FROM locked) \
-                    OR NOT EXISTS (SELECT 1 FROM contacts WHERE user_id = c.user_id OFFSET 0)) \
-             RETURNING q.user_id, q.event_names, q.prop_keys",
+             DELETE FROM eval_queue WHERE ctid = ANY(ARRAY( \
+                 SELECT c.tid FROM candidates c \
+                 WHERE c.user_id IN (SELECT user_id FROM locked) \
+                    OR NOT EXISTS (SELECT 1 FROM contacts WHERE user_id = c.user_id OFFSET 0))) \
+             RETURNING user_id, event_names, prop_keys",
         )
         .bind(limit)
         .fetch_all(&mut *self.tx)
