@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use membrane_abi::Fact;
-use membrane_store::{BucketSwitch, BucketWork, EntryRule, Round, Source, SweepRun, QUEUE_CHANNEL};
+use membrane_store::{
+    BucketSwitch, BucketWork, EntryRule, HotTable, Round, Source, SweepRun, QUEUE_CHANNEL,
+};
 use tokio::sync::watch;
 
 use crate::evaluate::{evaluate_batch, Outcome, Recording};
@@ -492,8 +494,9 @@ async fn backfill_bucket(
     Ok(lock.release().await?)
 }
 
-/// How often an engine vacuums the queue and timer tables when the server does not.
-const VACUUM_INTERVAL: Duration = Duration::from_secs(5);
+/// How often an engine vacuums the queue and the timer table when the server does not.
+const QUEUE_VACUUM_INTERVAL: Duration = Duration::from_secs(5);
+const TIMERS_VACUUM_INTERVAL: Duration = Duration::from_secs(60);
 
 /// When the server runs no autovacuum, vacuums the tables the hot path churns (see
 /// `membrane_store::maintenance`) itself; with autovacuum on, migration 0007's per-table
@@ -502,14 +505,23 @@ pub(crate) async fn vacuums(shared: Arc<Shared>, mut stopped: watch::Receiver<bo
     match shared.store.autovacuum_enabled().await {
         Ok(true) => return,
         Ok(false) => tracing::warn!(
-            "the server runs no autovacuum: this engine vacuums the queue and timer tables \
-             every {VACUUM_INTERVAL:?}; analyze the other tables regularly"
+            "the server runs no autovacuum: this engine vacuums the queue every \
+             {QUEUE_VACUUM_INTERVAL:?} and the timers every {TIMERS_VACUUM_INTERVAL:?}; \
+             analyze the other tables regularly"
         ),
         Err(error) => return report(&shared, "vacuum", &error.into()),
     }
-    while !pause(&mut stopped, VACUUM_INTERVAL).await {
-        if let Err(error) = shared.store.vacuum_hot_tables().await {
-            report(&shared, "vacuum", &error.into());
+    let mut timers_vacuumed = std::time::Instant::now();
+    while !pause(&mut stopped, QUEUE_VACUUM_INTERVAL).await {
+        let mut due = vec![HotTable::Queue];
+        if timers_vacuumed.elapsed() >= TIMERS_VACUUM_INTERVAL {
+            timers_vacuumed = std::time::Instant::now();
+            due.push(HotTable::Timers);
+        }
+        for table in due {
+            if let Err(error) = shared.store.vacuum(table).await {
+                report(&shared, "vacuum", &error.into());
+            }
         }
     }
 }

@@ -21,6 +21,7 @@ pub use buckets::{
 };
 pub use imports::{ImportCheckpoint, ImportFile, ImportProgress};
 pub use ingest::{IngestOutcome, Message, QUEUE_CHANNEL};
+pub use maintenance::HotTable;
 pub use membership::{ActiveMember, Applied, DwellDue, EntryRule, Source, TRANSITIONS_CHANNEL};
 pub use reads::{
     BadCursor, BucketStatus, MemberCursor, MembersPage, QueueLag, TransitionRow, TransitionsPage,

@@ -56,7 +56,10 @@ impl Round {
         policy: ArmPolicy,
         notify_before: DateTime<Utc>,
     ) -> Result<u64> {
-        if users.is_empty() {
+        let nothing_due = due.iter().all(Option::is_none);
+        if users.is_empty() || (nothing_due && policy == ArmPolicy::EarlierOnly) {
+            // Only `Exact` removes timers: with nothing due there is nothing to write (the
+            // common case of a bucket that does not move with the clock).
             return Ok(0);
         }
         // Lookups are a probe per user (a lateral subquery with `LIMIT`, which the planner
