@@ -253,6 +253,20 @@ async fn every_transition_arrives_verified_in_order_despite_failures_and_a_crash
     all.sort();
     assert_eq!(received, all);
 
+    // The receiver records a delivery before the engine has its response and marks it done.
+    wait_until(
+        "the replayed delivery marked delivered",
+        Duration::from_secs(10),
+        async || {
+            store
+                .webhook_endpoints()
+                .await
+                .unwrap()
+                .iter()
+                .all(|endpoint| endpoint.pending == 0)
+        },
+    )
+    .await;
     let endpoints = store.webhook_endpoints().await.unwrap();
     for endpoint in &endpoints {
         assert_eq!((endpoint.pending, endpoint.dead), (0, 0), "{endpoint:?}");
