@@ -82,9 +82,7 @@ impl EngineConfig {
             webhooks: webhooks::WebhookConfig::default(),
         }
     }
-}
 
-impl EngineConfig {
     /// Overrides the real-time round size and worker count where given (each at least 1).
     pub fn set_realtime(&mut self, round_size: Option<u32>, workers: Option<usize>) {
         if let Some(size) = round_size {
