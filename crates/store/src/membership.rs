@@ -127,12 +127,10 @@ impl Round {
         };
         let (memberships, transitions): (i64, i64) = sqlx::query_as(
             "WITH joining AS ( \
-                 SELECT j.user_id, \
-                        (SELECT count(*) FROM memberships m \
-                          WHERE m.bucket_id = $1 AND m.user_id = j.user_id) + 1 AS epoch, \
-                        (SELECT max(m.left_at) FROM memberships m \
-                          WHERE m.bucket_id = $1 AND m.user_id = j.user_id) AS last_left \
-                 FROM unnest($2::text[]) AS j(user_id)), \
+                 SELECT j.user_id, earlier.epochs + 1 AS epoch, earlier.last_left \
+                 FROM unnest($2::text[]) AS j(user_id) \
+                 CROSS JOIN LATERAL (SELECT count(*) AS epochs, max(m.left_at) AS last_left \
+                     FROM memberships m WHERE m.bucket_id = $1 AND m.user_id = j.user_id) AS earlier), \
              inserted AS ( \
                  INSERT INTO memberships (bucket_id, user_id, epoch, status, entered_at) \
                  SELECT $1, user_id, epoch, 'active', $6 FROM joining \
