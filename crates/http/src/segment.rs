@@ -154,7 +154,7 @@ pub fn parse_request(
     shape: Shape,
     received_at: DateTime<Utc>,
 ) -> Result<Vec<Message>, FieldError> {
-    check_nesting(body, "", 1)?;
+    check_nesting(body)?;
     match shape {
         Shape::Single(kind) => {
             check_message_size(body, "")?;
@@ -499,27 +499,32 @@ fn optional_time(
 }
 
 /// Rejects objects and arrays nested deeper than [`MAX_NESTING_DEPTH`], naming the first one.
-fn check_nesting(value: &Value, pointer: &str, depth: usize) -> Result<(), FieldError> {
-    let children: Box<dyn Iterator<Item = (String, &Value)>> = match value {
-        Value::Object(map) => Box::new(map.iter().map(|(key, child)| (escape(key), child))),
-        Value::Array(items) => Box::new(
-            items
-                .iter()
-                .enumerate()
-                .map(|(index, child)| (index.to_string(), child)),
-        ),
-        _ => return Ok(()),
-    };
-    if depth > MAX_NESTING_DEPTH {
-        return Err(field_error(
-            pointer,
+fn check_nesting(body: &Value) -> Result<(), FieldError> {
+    match first_too_deep(body, 1) {
+        Some(pointer) => Err(field_error(
+            &pointer,
             format!("nested deeper than {MAX_NESTING_DEPTH} levels of objects and arrays"),
-        ));
+        )),
+        None => Ok(()),
     }
-    for (segment, child) in children {
-        check_nesting(child, &format!("{pointer}/{segment}"), depth + 1)?;
+}
+
+/// The pointer, relative to `value` at `depth`, of the first object or array nested deeper
+/// than [`MAX_NESTING_DEPTH`]. Pointers are only built on the way out of a failure: every
+/// request walks its whole body here.
+fn first_too_deep(value: &Value, depth: usize) -> Option<String> {
+    let deeper = |child: &Value| first_too_deep(child, depth + 1);
+    match value {
+        Value::Object(_) | Value::Array(_) if depth > MAX_NESTING_DEPTH => Some(String::new()),
+        Value::Object(map) => map
+            .iter()
+            .find_map(|(key, child)| Some(format!("/{}{}", escape(key), deeper(child)?))),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(index, child)| Some(format!("/{index}{}", deeper(child)?))),
+        _ => None,
     }
-    Ok(())
 }
 
 /// Escapes one key as an RFC 6901 reference token.
