@@ -62,9 +62,12 @@ impl Round {
             // common case of a bucket that does not move with the clock).
             return Ok(0);
         }
-        // Lookups are a probe per user (a lateral subquery with `LIMIT`, which the planner
-        // does not turn into a join): on a table that grew since it was last analyzed, a join
-        // may be planned as a scan of the whole bucket.
+        // Lookups are a probe per user (a lateral subquery with `LIMIT`, or `EXISTS` with
+        // `OFFSET 0`, which the planner does not turn into a join): on a table that grew
+        // since it was last analyzed, a join may be planned as a scan of the whole bucket.
+        // Timers already where they should be are not offered to the upsert at all: its
+        // conflict path locks the row (a WAL record and a dirtied page) before its `WHERE`
+        // decides to leave it, and most real-time evaluations leave every timer as it is.
         let (armed, earliest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
             "WITH wanted AS ( \
                  SELECT DISTINCT ON (user_id) user_id, due_at \
@@ -78,7 +81,10 @@ impl Round {
              armed AS ( \
                  INSERT INTO timers (bucket_id, user_id, due_at) \
                  SELECT $1, w.user_id, w.due_at FROM wanted w \
-                 WHERE w.due_at IS NOT NULL \
+                 WHERE w.due_at IS NOT NULL AND NOT EXISTS ( \
+                     SELECT 1 FROM timers t WHERE t.bucket_id = $1 AND t.user_id = w.user_id \
+                       AND CASE WHEN $4 THEN t.due_at = w.due_at ELSE t.due_at <= w.due_at END \
+                     OFFSET 0) \
                  ON CONFLICT (bucket_id, user_id) DO UPDATE SET due_at = EXCLUDED.due_at \
                  WHERE CASE WHEN $4 THEN timers.due_at IS DISTINCT FROM EXCLUDED.due_at \
                             ELSE EXCLUDED.due_at < timers.due_at END \
