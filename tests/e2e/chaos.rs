@@ -49,12 +49,15 @@ async fn sigkilled_engines_lose_and_duplicate_nothing() {
         "{report:#}"
     );
     // The run was not vacuous: every bucket has members and the engines wrote transitions
-    // from the real-time path and from sweeps (the dwell marks).
+    // from the real-time path and from the clock (the dwell marks). Which clock path writes a
+    // mark, the timer or a sweep that found it overdue after a kill, is a race, so only their
+    // sum is asserted; sweeps.rs pins the sweep path down deterministically.
     let members = report["members"].as_object().expect("members per bucket");
     assert_eq!(members.len(), 5, "{report:#}");
     let by_source = &report["transitions_by_source"];
-    assert!(by_source["event"].as_u64() > Some(100), "{report:#}");
-    assert!(by_source["sweep"].as_u64() > Some(0), "{report:#}");
+    let written_by = |source: &str| by_source[source].as_u64().unwrap_or(0);
+    assert!(written_by("event") > 100, "{report:#}");
+    assert!(written_by("timer") + written_by("sweep") > 0, "{report:#}");
 
     // Independently of the driver: every outbox key once, member counts exact.
     let transitions = db.store.audit_transitions().await.expect("transitions");

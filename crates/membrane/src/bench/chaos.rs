@@ -11,7 +11,8 @@
 //!   `left` per closed epoch, at most one `entered` per epoch, each transition under its key
 //!   with its membership's instant, every key once;
 //! - member counts are exact, every backfill finished, and no backfill page was counted twice;
-//! - every member in the bucket with a `dwell` mark has it (sweeps run under the kills too).
+//! - every member in the bucket with a `dwell` mark has it (timers and sweeps run under the
+//!   kills too).
 //!
 //! The CI test (`tests/e2e/chaos.rs`) runs this same driver with small parameters.
 
@@ -64,7 +65,7 @@ pub struct ChaosOptions {
 
 /// Buckets with day-long windows, so the clock cannot move membership during a run and the
 /// audit can recompute it at any instant: `.where` filters, type mismatches, absence, every
-/// entry limit, and a `dwell` mark that the sweeps must write under the kills.
+/// entry limit, and a `dwell` mark that timers (or sweeps) must write under the kills.
 const BUCKETS: &[(&str, &str)] = &[
     (
         "carts.toml",
@@ -259,7 +260,8 @@ async fn drive(
     let ingest_seconds = started.elapsed().as_secs_f64();
 
     settle(store, Duration::from_secs(120)).await?;
-    // Dwell marks come due one second after a join and are written by the (1 s) sweeps.
+    // Dwell marks come due one second after a join; timers write them, or a (1 s) sweep does
+    // when a kill held a timer up.
     tokio::time::sleep(Duration::from_secs(4)).await;
     for engine in &mut engines {
         engine.kill()?;
