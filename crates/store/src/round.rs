@@ -65,11 +65,13 @@ impl Round {
     /// Claims up to `limit` queue entries and locks their users, skipping entries another
     /// round holds and users another round is evaluating (their entries wait for a later
     /// round), so concurrent rounds never wait for each other. The claimed entries are
-    /// deleted as part of this round. Returns one merged entry per user, ordered by user id.
+    /// deleted as part of this round. Returns one merged entry per locked user, ordered by
+    /// user id: every user a round evaluates is locked by it.
     ///
-    /// An entry whose contact is gone is claimed too (nothing can be locked for it, and it
-    /// would otherwise stay queued for ever): an ingest that commits while its user is being
-    /// erased leaves one.
+    /// An entry whose contact is gone is deleted too, and not returned (nothing can be locked
+    /// for it, and it would otherwise stay queued for ever): an ingest that commits while its
+    /// user is being erased leaves one. Its events wait for the user's next ingest, which
+    /// creates the contact again and queues the user.
     pub async fn claim_queue(&mut self, limit: i64) -> Result<Vec<QueuedUser>> {
         let rows: Vec<(String, Vec<String>, Vec<String>)> = sqlx::query_as(
             // Claimed rows are deleted by their tuple ids: joined to the candidates, the
@@ -82,12 +84,15 @@ impl Round {
                  SELECT c.user_id FROM (SELECT DISTINCT user_id FROM candidates) AS u \
                  CROSS JOIN LATERAL ( \
                      SELECT user_id FROM contacts WHERE user_id = u.user_id \
-                     FOR UPDATE SKIP LOCKED) AS c) \
-             DELETE FROM eval_queue WHERE ctid = ANY(ARRAY( \
-                 SELECT c.tid FROM candidates c \
-                 WHERE c.user_id IN (SELECT user_id FROM locked) \
-                    OR NOT EXISTS (SELECT 1 FROM contacts WHERE user_id = c.user_id OFFSET 0))) \
-             RETURNING user_id, event_names, prop_keys",
+                     FOR UPDATE SKIP LOCKED) AS c), \
+             claimed AS ( \
+                 DELETE FROM eval_queue WHERE ctid = ANY(ARRAY( \
+                     SELECT c.tid FROM candidates c \
+                     WHERE c.user_id IN (SELECT user_id FROM locked) \
+                        OR NOT EXISTS (SELECT 1 FROM contacts WHERE user_id = c.user_id OFFSET 0))) \
+                 RETURNING user_id, event_names, prop_keys) \
+             SELECT user_id, event_names, prop_keys FROM claimed \
+             WHERE user_id IN (SELECT user_id FROM locked)",
         )
         .bind(limit)
         .fetch_all(&mut *self.tx)
