@@ -156,23 +156,54 @@ impl Store {
         // Users in sorted order (BTreeMap): concurrent ingests creating the same contacts wait
         // for each other in one order.
         let users: Vec<String> = changes.keys().map(|u| u.to_string()).collect();
-        sqlx::query(
-            // Known users are skipped by an index probe (`OFFSET 0`: one per user, as in the
-            // round's lookups, whatever the statistics say): the insert's conflict path
-            // costs more, and nearly every user of a batch is known.
-            "INSERT INTO contacts (user_id) SELECT u FROM unnest($1::text[]) AS u \
-             WHERE NOT EXISTS (SELECT 1 FROM contacts c WHERE c.user_id = u OFFSET 0) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&users)
-        .execute(&mut *tx)
-        .await?;
+        let entries: Vec<Value> = changes
+            .values()
+            .map(|change| {
+                serde_json::json!({
+                    "e": change.event_names,
+                    "p": change.touched_keys(),
+                })
+            })
+            .collect();
+        // One statement (one round trip) writes the contacts, events and queue entries and
+        // wakes the evaluators on commit.
+        //
+        // Known users are skipped by an index probe (`OFFSET 0`: one per user, as in the
+        // round's lookups, whatever the statistics say): the insert's conflict path costs
+        // more, and nearly every user of a batch is known.
+        //
         // Events and queue entries take no row lock: a round evaluating one of these users
         // meanwhile either sees this ingest or not (it commits at once), and the queue entry
-        // it has not claimed brings the user back in the next round. Only a property edit
-        // writes the contact row; those rows are locked first, in user order, because sweeps
-        // and backfills lock their pages in that order and an UPDATE's own order could
-        // deadlock with them (real-time claims skip locked users and never wait).
+        // it has not claimed brings the user back in the next round.
+        sqlx::query(
+            "WITH added_contacts AS ( \
+                 INSERT INTO contacts (user_id) SELECT u FROM unnest($1::text[]) AS u \
+                 WHERE NOT EXISTS (SELECT 1 FROM contacts c WHERE c.user_id = u OFFSET 0) \
+                 ON CONFLICT DO NOTHING), \
+             added_events AS ( \
+                 INSERT INTO events (user_id, name, occurred_at, properties) \
+                 SELECT * FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::jsonb[])), \
+             queued AS ( \
+                 INSERT INTO eval_queue (user_id, event_names, prop_keys) \
+                 SELECT q.user_id, \
+                        ARRAY(SELECT jsonb_array_elements_text(q.change->'e')), \
+                        ARRAY(SELECT jsonb_array_elements_text(q.change->'p')) \
+                 FROM unnest($1::text[], $6::jsonb[]) AS q(user_id, change)) \
+             SELECT pg_notify($7, '')",
+        )
+        .bind(&users)
+        .bind(&ev_users)
+        .bind(&ev_names)
+        .bind(&ev_times)
+        .bind(&ev_props)
+        .bind(&entries)
+        .bind(QUEUE_CHANNEL)
+        .execute(&mut *tx)
+        .await?;
+        // Only a property edit writes the contact row; those rows are locked first, in user
+        // order, because sweeps and backfills lock their pages in that order and an UPDATE's
+        // own order could deadlock with them (real-time claims skip locked users and never
+        // wait).
         let edited: Vec<(&str, &UserChange)> = changes
             .iter()
             .filter(|(_, c)| !c.set.is_empty() || !c.removed.is_empty())
@@ -207,44 +238,6 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-
-        if !ev_users.is_empty() {
-            sqlx::query(
-                "INSERT INTO events (user_id, name, occurred_at, properties) \
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::jsonb[])",
-            )
-            .bind(&ev_users)
-            .bind(&ev_names)
-            .bind(&ev_times)
-            .bind(&ev_props)
-            .execute(&mut *tx)
-            .await?;
-        }
-
-        let entries: Vec<Value> = changes
-            .iter()
-            .map(|(user, change)| {
-                serde_json::json!({
-                    "u": user,
-                    "e": change.event_names,
-                    "p": change.touched_keys(),
-                })
-            })
-            .collect();
-        sqlx::query(
-            "INSERT INTO eval_queue (user_id, event_names, prop_keys) \
-             SELECT x->>'u', \
-                    ARRAY(SELECT jsonb_array_elements_text(x->'e')), \
-                    ARRAY(SELECT jsonb_array_elements_text(x->'p')) \
-             FROM jsonb_array_elements($1::jsonb) AS x",
-        )
-        .bind(Value::Array(entries))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(QUEUE_CHANNEL)
-            .execute(&mut *tx)
-            .await?;
         Ok(outcome)
     }
 }
