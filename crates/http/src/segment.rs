@@ -154,7 +154,7 @@ pub fn parse_request(
     shape: Shape,
     received_at: DateTime<Utc>,
 ) -> Result<Vec<Message>, FieldError> {
-    check_nesting(body)?;
+    check_storable(body, "")?;
     match shape {
         Shape::Single(kind) => {
             check_message_size(body, "")?;
@@ -225,6 +225,7 @@ pub fn parse_message(
         ),
         None => None,
     };
+    check_storable(value, pointer)?;
     let arrival = Arrival {
         received_at: now,
         batch_sent_at: None,
@@ -499,30 +500,52 @@ fn optional_time(
 }
 
 /// Rejects objects and arrays nested deeper than [`MAX_NESTING_DEPTH`], naming the first one.
-fn check_nesting(body: &Value) -> Result<(), FieldError> {
-    match first_too_deep(body, 1) {
-        Some(pointer) => Err(field_error(
-            &pointer,
+/// Checks that `body` (found at `pointer`) can be written: no nesting deeper than
+/// [`MAX_NESTING_DEPTH`], and no U+0000, which Postgres text and jsonb refuse.
+fn check_storable(body: &Value, pointer: &str) -> Result<(), FieldError> {
+    match first_unstorable(body, 1) {
+        Some((within, Unstorable::TooDeep)) => Err(field_error(
+            &format!("{pointer}{within}"),
             format!("nested deeper than {MAX_NESTING_DEPTH} levels of objects and arrays"),
+        )),
+        Some((within, Unstorable::Nul)) => Err(field_error(
+            &format!("{pointer}{within}"),
+            "contains the NUL character (\\u0000), which Postgres text cannot hold; remove it",
         )),
         None => Ok(()),
     }
 }
 
+/// Why a part of a body cannot be written.
+enum Unstorable {
+    TooDeep,
+    /// A string or object key holding U+0000.
+    Nul,
+}
+
 /// The pointer, relative to `value` at `depth`, of the first object or array nested deeper
-/// than [`MAX_NESTING_DEPTH`]. Pointers are only built on the way out of a failure: every
-/// request walks its whole body here.
-fn first_too_deep(value: &Value, depth: usize) -> Option<String> {
-    let deeper = |child: &Value| first_too_deep(child, depth + 1);
+/// than [`MAX_NESTING_DEPTH`] or the first string or key holding U+0000. Pointers are only
+/// built on the way out of a failure: every request walks its whole body here.
+fn first_unstorable(value: &Value, depth: usize) -> Option<(String, Unstorable)> {
+    let within = |token: &dyn Fn() -> String, child: &Value| {
+        first_unstorable(child, depth + 1)
+            .map(|(rest, problem)| (format!("/{}{rest}", token()), problem))
+    };
     match value {
-        Value::Object(_) | Value::Array(_) if depth > MAX_NESTING_DEPTH => Some(String::new()),
-        Value::Object(map) => map
-            .iter()
-            .find_map(|(key, child)| Some(format!("/{}{}", escape(key), deeper(child)?))),
+        Value::Object(_) | Value::Array(_) if depth > MAX_NESTING_DEPTH => {
+            Some((String::new(), Unstorable::TooDeep))
+        }
+        Value::Object(map) => map.iter().find_map(|(key, child)| {
+            if key.contains('\0') {
+                return Some((format!("/{}", escape(key)), Unstorable::Nul));
+            }
+            within(&|| escape(key), child)
+        }),
         Value::Array(items) => items
             .iter()
             .enumerate()
-            .find_map(|(index, child)| Some(format!("/{index}{}", deeper(child)?))),
+            .find_map(|(index, child)| within(&|| index.to_string(), child)),
+        Value::String(text) if text.contains('\0') => Some((String::new(), Unstorable::Nul)),
         _ => None,
     }
 }
@@ -614,6 +637,20 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(message, Message::Track { user_id, .. } if user_id == "anon-1"));
+    }
+
+    /// `membrane import` validates lines with this: a NUL would otherwise fail the write.
+    #[test]
+    fn a_single_message_with_a_nul_is_refused_at_its_pointer() {
+        let error = parse_message(
+            &json!({"type": "track", "userId": "u", "event": "a", "properties": {"note": "a\u{0}"}}),
+            None,
+            "/line/7",
+            Utc::now(),
+        )
+        .unwrap_err();
+        assert_eq!(error.pointer, "/line/7/properties/note");
+        assert!(error.message.contains("NUL"), "{}", error.message);
     }
 
     #[test]

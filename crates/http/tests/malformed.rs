@@ -393,6 +393,29 @@ fn malformed_cases() -> Vec<Case> {
             &deep_pointer,
             "nested deeper than 32",
         ),
+        // Postgres text and jsonb cannot hold U+0000: without this check the request failed
+        // in the database as a 503, and clients retried it for ever.
+        bad(
+            "a NUL character in a property value",
+            Call::post(
+                "/v1/batch",
+                json!({"batch": [track(json!({"type": "track", "properties": {"tags": ["ok", "x\u{0}y"]}}))]}),
+            ),
+            "/batch/0/properties/tags/1",
+            "NUL character",
+        ),
+        bad(
+            "a NUL character in a property name",
+            Call::post("/v1/track", track(json!({"properties": {"a\u{0}": 1}}))),
+            "/properties/a\u{0}",
+            "NUL character",
+        ),
+        bad(
+            "a NUL character in the user id",
+            Call::post("/v1/track", track(json!({"userId": "u\u{0}"}))),
+            "/userId",
+            "NUL character",
+        ),
         case(
             "body too large",
             Call::post("/v1/batch", oversize_body),
