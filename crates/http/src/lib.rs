@@ -26,7 +26,9 @@
 //!
 //! A request is validated whole before anything is written: a bad field anywhere gets
 //! `{"error": {"message": ..., "pointer": ...}}` naming it by RFC 6901 JSON pointer (`""` for
-//! the whole body), and nothing of the request is applied. A batch commits all-or-nothing.
+//! the whole body), and nothing of the request is applied. A batch commits all-or-nothing;
+//! requests that arrive while others are being written share the next transaction (group
+//! commit), each still all-or-nothing.
 //!
 //! # Reads
 //! - `GET /v1/buckets`: every bucket's status; `GET /v1/buckets/{id}`: one bucket's status
@@ -49,6 +51,7 @@
 //! configured, that side is open. Missing or unknown credentials get 401 with
 //! `WWW-Authenticate`; a read token used to write, or a write key used to read, gets 403.
 
+mod group_commit;
 mod reads;
 mod segment;
 
@@ -107,18 +110,29 @@ impl IngestMetrics {
     }
 }
 
+/// Transactions writing ingest requests at once. One: the requests that arrive meanwhile wait
+/// and share the next transaction, and under `membrane bench ingest` that did as well as two
+/// writers (17.9k-18.5k against 17.1k-18.4k events/s) with a lower p99.
+const INGEST_WRITERS: usize = 1;
+
 #[derive(Clone)]
 struct AppState {
     store: Store,
     config: Arc<ApiConfig>,
     commits: Arc<reads::CommitSignal>,
+    ingest: Arc<group_commit::GroupCommit>,
 }
 
+/// The API's routes. Must be called within a Tokio runtime: it starts the ingest writers,
+/// which stop when the router and its clones are dropped.
 pub fn router(store: Store, config: ApiConfig) -> Router {
+    let ingest =
+        group_commit::GroupCommit::start(store.clone(), config.metrics.clone(), INGEST_WRITERS);
     let state = AppState {
         store,
         config: Arc::new(config),
         commits: Arc::default(),
+        ingest: Arc::new(ingest),
     };
     let mut routes = Router::new();
     for kind in [
@@ -390,13 +404,7 @@ async fn ingest(
     check_content_type(headers)?;
     let messages = segment::parse_request(&value?, shape, chrono::Utc::now())?;
     if !messages.is_empty() {
-        let outcome = state.store.ingest(&messages).await?;
-        state.config.metrics.applied.inc_by(outcome.applied as u64);
-        state
-            .config
-            .metrics
-            .duplicates
-            .inc_by(outcome.duplicates as u64);
+        state.ingest.ingest(messages).await?;
     }
     Ok(Json(json!({ "success": true })))
 }
