@@ -110,9 +110,11 @@ impl Store {
 
     /// Unprocessed changes left in the evaluation queue.
     pub async fn queued_changes(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM eval_queue")
-            .fetch_one(self.pool())
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT coalesce(sum(users), 0)::int8 FROM eval_queue")
+                .fetch_one(self.pool())
+                .await?,
+        )
     }
 
     /// Whether the database has no contacts and no buckets yet: a bench only runs in one.

@@ -72,9 +72,9 @@ pub struct EngineHeartbeat {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueStats {
-    /// Users waiting for evaluation, counted up to [`QUEUE_DEPTH_CAP`].
+    /// Users waiting for evaluation, summed over at most [`QUEUE_DEPTH_CAP`] queue rows.
     pub depth: i64,
-    /// Whether the queue holds more than [`QUEUE_DEPTH_CAP`] rows (then `depth` is the cap).
+    /// Whether more than [`QUEUE_DEPTH_CAP`] users wait (then `depth` is the cap).
     pub depth_capped: bool,
     /// When the oldest waiting change was enqueued: the evaluation lag is `taken_at` minus this.
     pub oldest_enqueued_at: Option<DateTime<Utc>>,
@@ -143,10 +143,11 @@ pub async fn snapshot(store: &Store, feed_limit: i64) -> Result<ConsoleSnapshot>
     .fetch_all(pool)
     .await?;
 
-    // Queue ids grow with enqueue time, so the smallest id is the oldest waiting change.
+    // Users waiting, counted over at most the cap's number of queue rows (each holds one or
+    // more users), and the oldest of those rows' changes.
     let (depth, oldest_enqueued_at): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM (SELECT 1 FROM eval_queue LIMIT $1) AS capped),
-                (SELECT enqueued_at FROM eval_queue ORDER BY id LIMIT 1)",
+        "SELECT coalesce(sum(users), 0)::int8, min(enqueued_at)
+         FROM (SELECT users, enqueued_at FROM eval_queue ORDER BY id LIMIT $1) AS capped",
     )
     .bind(QUEUE_DEPTH_CAP + 1)
     .fetch_one(pool)
@@ -397,7 +398,9 @@ const DEMO_ROWS: &[&str] = &[
     "INSERT INTO engine_heartbeats (engine_id, hostname, pid, started_at, last_seen_at, stats)
      VALUES ('engine-a', 'worker-1', 4242, now() - interval '1 hour', now(),
              '{\"workers\": 4, \"timers_due\": 2}')",
-    "INSERT INTO eval_queue (user_id, event_names, enqueued_at) VALUES
-         ('dave', '{session_start}', now() - interval '3 seconds'),
-         ('erin', '{purchase}', now() - interval '1 second')",
+    "INSERT INTO eval_queue (entries, users, enqueued_at) VALUES
+         ('[{\"u\": \"dave\", \"e\": [\"session_start\"], \"p\": []}]', 1,
+          now() - interval '3 seconds'),
+         ('[{\"u\": \"erin\", \"e\": [\"purchase\"], \"p\": []}]', 1,
+          now() - interval '1 second')",
 ];

@@ -157,16 +157,18 @@ impl Store {
         // for each other in one order.
         let users: Vec<String> = changes.keys().map(|u| u.to_string()).collect();
         let entries: Vec<Value> = changes
-            .values()
-            .map(|change| {
+            .iter()
+            .map(|(user, change)| {
                 serde_json::json!({
+                    "u": user,
                     "e": change.event_names,
                     "p": change.touched_keys(),
                 })
             })
             .collect();
-        // One statement (one round trip) writes the contacts, events and queue entries and
-        // wakes the evaluators on commit.
+        let queued_users = entries.len() as i32;
+        // One statement (one round trip) writes the contacts, the events and the transaction's
+        // queue row (every changed user in one row) and wakes the evaluators on commit.
         //
         // Known users are skipped by an index probe (`OFFSET 0`: one per user, as in the
         // round's lookups, whatever the statistics say): the insert's conflict path costs
@@ -184,19 +186,16 @@ impl Store {
                  INSERT INTO events (user_id, name, occurred_at, properties) \
                  SELECT * FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::jsonb[])), \
              queued AS ( \
-                 INSERT INTO eval_queue (user_id, event_names, prop_keys) \
-                 SELECT q.user_id, \
-                        ARRAY(SELECT jsonb_array_elements_text(q.change->'e')), \
-                        ARRAY(SELECT jsonb_array_elements_text(q.change->'p')) \
-                 FROM unnest($1::text[], $6::jsonb[]) AS q(user_id, change)) \
-             SELECT pg_notify($7, '')",
+                 INSERT INTO eval_queue (entries, users) VALUES ($6, $7)) \
+             SELECT pg_notify($8, '')",
         )
         .bind(&users)
         .bind(&ev_users)
         .bind(&ev_names)
         .bind(&ev_times)
         .bind(&ev_props)
-        .bind(&entries)
+        .bind(Value::Array(entries))
+        .bind(queued_users)
         .bind(QUEUE_CHANNEL)
         .execute(&mut *tx)
         .await?;
@@ -281,7 +280,18 @@ impl Store {
         }
         for statement in [
             "DELETE FROM events WHERE user_id = $1",
-            "DELETE FROM eval_queue WHERE user_id = $1",
+            // The user's entries leave their queue rows, and rows left empty go.
+            "WITH touched AS ( \
+                 SELECT q.id, coalesce(jsonb_agg(e.entry) FILTER (WHERE e.entry->>'u' <> $1), \
+                                       '[]'::jsonb) AS kept \
+                 FROM eval_queue q CROSS JOIN LATERAL jsonb_array_elements(q.entries) AS e(entry) \
+                 WHERE q.entries @> jsonb_build_array(jsonb_build_object('u', $1)) \
+                 GROUP BY q.id), \
+             emptied AS ( \
+                 DELETE FROM eval_queue q USING touched t \
+                 WHERE q.id = t.id AND jsonb_array_length(t.kept) = 0) \
+             UPDATE eval_queue q SET entries = t.kept, users = jsonb_array_length(t.kept) \
+             FROM touched t WHERE q.id = t.id AND jsonb_array_length(t.kept) > 0",
             "DELETE FROM timers WHERE user_id = $1",
             "DELETE FROM contacts WHERE user_id = $1",
         ] {

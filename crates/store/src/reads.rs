@@ -331,7 +331,7 @@ impl Store {
 /// How far behind the real-time path is.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct QueueLag {
-    /// Unprocessed entries, counted up to [`QUEUE_DEPTH_CAP`].
+    /// Users with unprocessed changes, summed over at most [`QUEUE_DEPTH_CAP`] queue rows.
     pub depth: i64,
     /// Age of the oldest unprocessed entry, in seconds (0 when the queue is empty).
     pub oldest_seconds: f64,
@@ -343,9 +343,10 @@ pub const QUEUE_DEPTH_CAP: i64 = 100_000;
 impl Store {
     pub async fn queue_lag(&self) -> Result<QueueLag> {
         let (depth, oldest_seconds): (i64, f64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM (SELECT 1 FROM eval_queue LIMIT $1) capped), \
-                    coalesce(extract(epoch FROM clock_timestamp() - \
-                        (SELECT enqueued_at FROM eval_queue ORDER BY id LIMIT 1))::float8, 0)",
+            // Over at most the cap's number of queue rows, each holding one or more users.
+            "SELECT coalesce(sum(users), 0)::int8, \
+                    coalesce(extract(epoch FROM clock_timestamp() - min(enqueued_at))::float8, 0) \
+             FROM (SELECT users, enqueued_at FROM eval_queue ORDER BY id LIMIT $1) AS capped",
         )
         .bind(QUEUE_DEPTH_CAP)
         .fetch_one(self.pool())

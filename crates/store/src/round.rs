@@ -39,22 +39,35 @@ impl Store {
     }
 }
 
-/// Merges queue rows into one entry per user, ordered by user id.
-fn merge_entries(rows: Vec<(String, Vec<String>, Vec<String>)>) -> Vec<QueuedUser> {
+/// One user's entry in a queue row, as ingest writes it.
+#[derive(serde::Deserialize)]
+struct QueueEntry {
+    #[serde(rename = "u")]
+    user_id: String,
+    #[serde(rename = "e", default)]
+    event_names: Vec<String>,
+    #[serde(rename = "p", default)]
+    prop_keys: Vec<String>,
+}
+
+/// Merges queue entries into one per user, ordered by user id.
+fn merge_entries(entries: Vec<sqlx::types::Json<QueueEntry>>) -> Vec<QueuedUser> {
     let mut merged: BTreeMap<String, QueuedUser> = BTreeMap::new();
-    for (user_id, event_names, prop_keys) in rows {
-        let entry = merged.entry(user_id.clone()).or_insert_with(|| QueuedUser {
-            user_id,
-            ..QueuedUser::default()
-        });
-        for name in event_names {
-            if !entry.event_names.contains(&name) {
-                entry.event_names.push(name);
+    for sqlx::types::Json(entry) in entries {
+        let user = merged
+            .entry(entry.user_id.clone())
+            .or_insert_with(|| QueuedUser {
+                user_id: entry.user_id,
+                ..QueuedUser::default()
+            });
+        for name in entry.event_names {
+            if !user.event_names.contains(&name) {
+                user.event_names.push(name);
             }
         }
-        for key in prop_keys {
-            if !entry.prop_keys.contains(&key) {
-                entry.prop_keys.push(key);
+        for key in entry.prop_keys {
+            if !user.prop_keys.contains(&key) {
+                user.prop_keys.push(key);
             }
         }
     }
@@ -62,59 +75,64 @@ fn merge_entries(rows: Vec<(String, Vec<String>, Vec<String>)>) -> Vec<QueuedUse
 }
 
 impl Round {
-    /// Claims up to `limit` queue entries and locks their users, skipping entries another
-    /// round holds and users another round is evaluating (their entries wait for a later
-    /// round), so concurrent rounds never wait for each other. The claimed entries are
-    /// deleted as part of this round. Returns one merged entry per locked user, ordered by
-    /// user id: every user a round evaluates is locked by it.
+    /// Claims the oldest queue rows no other round holds, up to about `limit` users, and
+    /// locks those users, skipping users another round is evaluating, so concurrent rounds
+    /// never wait for each other. The claimed rows are deleted as part of this round; the
+    /// entries of skipped users go back to the queue in one new row (with the oldest
+    /// `enqueued_at` claimed), to be evaluated after the round holding them. Returns one merged
+    /// entry per locked user, ordered by user id: every user a round evaluates is locked by it.
     ///
-    /// An entry whose contact is gone is deleted too, and not returned (nothing can be locked
-    /// for it, and it would otherwise stay queued for ever): an ingest that commits while its
-    /// user is being erased leaves one. Its events wait for the user's next ingest, which
-    /// creates the contact again and queues the user.
+    /// An entry whose contact is gone is dropped, neither evaluated nor queued again (nothing
+    /// can be locked for it, and it would otherwise stay queued for ever): an ingest that
+    /// commits while its user is being erased leaves one. Its events wait for the user's next
+    /// ingest, which creates the contact again and queues the user.
     pub async fn claim_queue(&mut self, limit: i64) -> Result<Vec<QueuedUser>> {
-        let rows: Vec<(String, Vec<String>, Vec<String>)> = sqlx::query_as(
+        let entries: Vec<sqlx::types::Json<QueueEntry>> = sqlx::query_scalar(
             // Claimed rows are deleted by their tuple ids: joined to the candidates, the
-            // delete was planned as a hash join over a scan of the whole queue, 60 ms of a
-            // 90 ms claim with 100k entries queued.
+            // delete was planned as a hash join over a scan of the whole queue.
             "WITH candidates AS MATERIALIZED ( \
-                 SELECT ctid AS tid, user_id FROM eval_queue ORDER BY id LIMIT $1 \
-                 FOR UPDATE SKIP LOCKED), \
+                 SELECT tid, entries, enqueued_at FROM claim_queue_rows($1)), \
+             entries AS MATERIALIZED ( \
+                 SELECT e.entry->>'u' AS user_id, e.entry \
+                 FROM candidates c CROSS JOIN LATERAL jsonb_array_elements(c.entries) AS e(entry)), \
              locked AS MATERIALIZED ( \
-                 SELECT c.user_id FROM (SELECT DISTINCT user_id FROM candidates) AS u \
+                 SELECT c.user_id FROM (SELECT DISTINCT user_id FROM entries) AS u \
                  CROSS JOIN LATERAL ( \
                      SELECT user_id FROM contacts WHERE user_id = u.user_id \
                      FOR UPDATE SKIP LOCKED) AS c), \
              claimed AS ( \
-                 DELETE FROM eval_queue WHERE ctid = ANY(ARRAY( \
-                     SELECT c.tid FROM candidates c \
-                     WHERE c.user_id IN (SELECT user_id FROM locked) \
-                        OR NOT EXISTS (SELECT 1 FROM contacts WHERE user_id = c.user_id OFFSET 0))) \
-                 RETURNING user_id, event_names, prop_keys) \
-             SELECT user_id, event_names, prop_keys FROM claimed \
-             WHERE user_id IN (SELECT user_id FROM locked)",
+                 DELETE FROM eval_queue WHERE ctid = ANY(ARRAY(SELECT tid FROM candidates))), \
+             requeued AS ( \
+                 INSERT INTO eval_queue (entries, users, enqueued_at) \
+                 SELECT jsonb_agg(e.entry), count(*), (SELECT min(enqueued_at) FROM candidates) \
+                 FROM entries e \
+                 WHERE e.user_id NOT IN (SELECT user_id FROM locked) \
+                   AND EXISTS (SELECT 1 FROM contacts WHERE user_id = e.user_id OFFSET 0) \
+                 HAVING count(*) > 0) \
+             SELECT entry FROM entries WHERE user_id IN (SELECT user_id FROM locked)",
         )
-        .bind(limit)
+        .bind(i32::try_from(limit).unwrap_or(i32::MAX))
         .fetch_all(&mut *self.tx)
         .await?;
-        let merged = merge_entries(rows);
-        Ok(merged)
+        Ok(merge_entries(entries))
     }
 
-    /// The unprocessed changes of `users`, merged per user. Entries a round has claimed but
-    /// not committed are still here, so with `users` locked every change not yet evaluated
-    /// shows, including those committed after this round's earlier reads.
+    /// The unprocessed changes of `users`, merged per user. Rows a round has claimed but not
+    /// committed are still here, so with `users` locked every change not yet evaluated shows,
+    /// including those committed after this round's earlier reads.
     pub async fn pending_changes(&mut self, users: &[String]) -> Result<Vec<QueuedUser>> {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let rows: Vec<(String, Vec<String>, Vec<String>)> = sqlx::query_as(
-            "SELECT user_id, event_names, prop_keys FROM eval_queue WHERE user_id = ANY($1)",
+        let entries: Vec<sqlx::types::Json<QueueEntry>> = sqlx::query_scalar(
+            "SELECT e.entry FROM eval_queue q \
+             CROSS JOIN LATERAL jsonb_array_elements(q.entries) AS e(entry) \
+             WHERE e.entry->>'u' = ANY($1)",
         )
         .bind(users)
         .fetch_all(&mut *self.tx)
         .await?;
-        Ok(merge_entries(rows))
+        Ok(merge_entries(entries))
     }
 
     /// Locks the contact rows of `users` in user order: rounds touching the same user run one

@@ -27,6 +27,14 @@ async fn erasure_closes_memberships_and_removes_the_users_data() {
                 occurred_at: Utc::now(),
                 properties: Default::default(),
             },
+            // Bob's change shares ana's queue row and must outlive her erasure.
+            Message::Track {
+                message_id: None,
+                user_id: "bob".into(),
+                event: "ping".into(),
+                occurred_at: Utc::now(),
+                properties: Default::default(),
+            },
         ])
         .await
         .unwrap();
@@ -60,7 +68,15 @@ async fn erasure_closes_memberships_and_removes_the_users_data() {
         (left.source.as_str(), left.reason.as_str()),
         ("operator", "erased")
     );
-    for table in ["events", "contacts", "eval_queue"] {
+    let queued: Vec<String> = sqlx::query_scalar(
+        "SELECT e.entry->>'u' FROM eval_queue q \
+         CROSS JOIN LATERAL jsonb_array_elements(q.entries) AS e(entry)",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(queued, ["bob"], "the queue keeps bob's change only");
+    for table in ["events", "contacts"] {
         let remaining: i64 = sqlx::query_scalar(&format!(
             "SELECT count(*) FROM {table} WHERE user_id = 'ana'"
         ))
@@ -80,7 +96,9 @@ async fn erasure_closes_memberships_and_removes_the_users_data() {
 async fn a_queue_entry_without_a_contact_is_removed_unevaluated() {
     let db = fresh_database().await.expect("a database");
     let store = &db.store;
-    sqlx::query("INSERT INTO eval_queue (user_id, event_names, prop_keys) VALUES ('ghost', '{visit}', '{}')")
+    sqlx::query(
+        "INSERT INTO eval_queue (entries, users) VALUES ('[{\"u\": \"ghost\", \"e\": [\"visit\"], \"p\": []}]', 1)",
+    )
         .execute(store.pool())
         .await
         .expect("an orphan entry");
