@@ -292,7 +292,10 @@ impl Store {
                  WHERE q.id = t.id AND jsonb_array_length(t.kept) = 0) \
              UPDATE eval_queue q SET entries = t.kept, users = jsonb_array_length(t.kept) \
              FROM touched t WHERE q.id = t.id AND jsonb_array_length(t.kept) > 0",
-            "DELETE FROM timers WHERE user_id = $1",
+            // One primary-key probe per recorded bucket (timers have no index on user_id).
+            "DELETE FROM timers WHERE ctid = ANY(ARRAY( \
+                 SELECT t.ctid FROM buckets b CROSS JOIN LATERAL ( \
+                     SELECT ctid FROM timers WHERE bucket_id = b.id AND user_id = $1 LIMIT 1) AS t))",
             "DELETE FROM contacts WHERE user_id = $1",
         ] {
             sqlx::query(statement)

@@ -35,6 +35,6 @@ pub enum HotTable {
     /// dead rows at once.
     Queue,
     /// A row per member of a time-based bucket, most of them live: a vacuum reads all of it
-    /// and its three indexes to remove a few re-armed rows.
+    /// and its two indexes to remove a few re-armed rows.
     Timers,
 }

@@ -42,6 +42,13 @@ async fn erasure_closes_memberships_and_removes_the_users_data() {
         .execute(store.pool())
         .await
         .unwrap();
+    sqlx::query(
+        "INSERT INTO timers (bucket_id, user_id, due_at) VALUES \
+         ('vip', 'ana', now() + interval '1 day'), ('vip', 'bob', now() + interval '1 day')",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
     let mut round = store.begin_round().await.unwrap();
     round
         .join(
@@ -76,6 +83,11 @@ async fn erasure_closes_memberships_and_removes_the_users_data() {
     .await
     .unwrap();
     assert_eq!(queued, ["bob"], "the queue keeps bob's change only");
+    let timers: Vec<String> = sqlx::query_scalar("SELECT user_id FROM timers")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(timers, ["bob"], "ana's timer is gone, bob's stays");
     for table in ["events", "contacts"] {
         let remaining: i64 = sqlx::query_scalar(&format!(
             "SELECT count(*) FROM {table} WHERE user_id = 'ana'"
