@@ -90,6 +90,13 @@ impl Round {
         let entries: Vec<sqlx::types::Json<QueueEntry>> = sqlx::query_scalar(
             // Claimed rows are deleted by their tuple ids: joined to the candidates, the
             // delete was planned as a hash join over a scan of the whole queue.
+            //
+            // `claim_queue_rows` is volatile, so its cursor may see a row that committed after
+            // this statement's snapshot, whose new contacts this statement cannot see: such a
+            // row's users are not locked (or, when locked by another round, may be queued
+            // again), and the delete, which reads with this statement's snapshot, leaves the
+            // row itself in the queue. Nothing is lost: the row is claimed again after this
+            // round commits, and its users at worst evaluated twice.
             "WITH candidates AS MATERIALIZED ( \
                  SELECT tid, entries, enqueued_at FROM claim_queue_rows($1)), \
              entries AS MATERIALIZED ( \
