@@ -499,7 +499,6 @@ fn optional_time(
     }
 }
 
-/// Rejects objects and arrays nested deeper than [`MAX_NESTING_DEPTH`], naming the first one.
 /// Checks that `body` (found at `pointer`) can be written: no nesting deeper than
 /// [`MAX_NESTING_DEPTH`], and no U+0000, which Postgres text and jsonb refuse.
 fn check_storable(body: &Value, pointer: &str) -> Result<(), FieldError> {
