@@ -6,7 +6,8 @@
 //! Each request stays all-or-nothing: when a group's transaction fails, every request of it is
 //! written again on its own, so a request only ever fails for its own sake (or the database's).
 //! Messages keep their arrival order across the group, so a `messageId` sent twice applies
-//! once, from the request that came first.
+//! once, from the request that came first. A request handed to a writer is written even if its
+//! client goes away meanwhile; its `messageId`s make the client's retry harmless.
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::{ApiError, IngestMetrics};
 
-/// No group outgrows one full batch request.
+/// A group takes no more requests once it holds this many messages (one full batch request).
 const GROUP_MESSAGES: usize = crate::segment::MAX_BATCH_MESSAGES;
 
 /// Requests waiting for a writer; beyond this, handlers wait to hand theirs over.
@@ -102,9 +103,9 @@ async fn write_group(store: &Store, metrics: &IngestMetrics, mut group: Vec<Requ
         return;
     }
     let sizes: Vec<usize> = group.iter().map(|r| r.messages.len()).collect();
-    let (mut all, answers): (Vec<Vec<Message>>, Vec<_>) =
+    let (all, answers): (Vec<Vec<Message>>, Vec<_>) =
         group.into_iter().map(|r| (r.messages, r.written)).unzip();
-    let joined: Vec<Message> = all.iter_mut().flat_map(std::mem::take).collect();
+    let joined: Vec<Message> = all.into_iter().flatten().collect();
     match store.ingest(&joined).await {
         Ok(outcome) => {
             count(metrics, outcome);
