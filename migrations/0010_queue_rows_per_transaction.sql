@@ -1,7 +1,7 @@
 -- One evaluation-queue row per ingest transaction instead of per user: a row holds every
 -- user the transaction changed, as `entries` = [{"u": user id, "e": [event names],
 -- "p": [property keys]}, ...], and `users` = their number. Writing, locking and deleting one row
--- per user was a fifth of the database's work under `membrane bench ingest`.
+-- per user wrote a fifth of the WAL under `membrane bench ingest`.
 ALTER TABLE eval_queue
     ADD COLUMN entries jsonb,
     ADD COLUMN users integer;
