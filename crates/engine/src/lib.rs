@@ -51,7 +51,7 @@ pub struct EngineConfig {
     pub engine_id: String,
     /// How often time-based buckets are re-checked set-based.
     pub sweep_interval: Duration,
-    /// Queue entries claimed per real-time round.
+    /// Users claimed per real-time round (whole queue rows until they hold this many).
     pub batch_size: i64,
     /// Real-time rounds this engine runs at once (each on its own connection): while one
     /// waits for Postgres, another evaluates.

@@ -6,7 +6,7 @@
 //! listen = "0.0.0.0:8080"
 //! buckets = "buckets"
 //! sweep_interval = "60s"        # or a number of seconds: 0.5
-//! round_size = 2000             # queue entries per real-time round
+//! round_size = 2000             # users claimed per real-time round
 //! realtime_workers = 2          # real-time rounds at once
 //! write_keys = ["wk_live_1"]
 //! read_tokens = ["rt_live_1"]

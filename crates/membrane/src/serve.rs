@@ -20,7 +20,8 @@ pub struct EngineArgs {
     /// How often time-based buckets are swept, in seconds [default: 60].
     #[arg(long, env = "MEMBRANE_SWEEP_INTERVAL")]
     pub sweep_interval: Option<f64>,
-    /// Queue entries claimed per real-time round [default: 2000].
+    /// Users claimed per real-time round (whole queue rows, one per ingest transaction, until
+    /// they hold this many) [default: 2000].
     #[arg(long, env = "MEMBRANE_ROUND_SIZE")]
     pub round_size: Option<u32>,
     /// Real-time rounds run at once, each on its own connection [default: 2].
@@ -161,7 +162,7 @@ fn metrics_route(
     let lag: Gauge<f64, AtomicU64> = Gauge::default();
     registry.register(
         "membrane_queue_depth",
-        "Unprocessed evaluation-queue entries (capped)",
+        "Users with unprocessed changes in the evaluation queue (capped)",
         depth.clone(),
     );
     registry.register_with_unit(

@@ -51,7 +51,7 @@ pub struct IngestOptions {
     /// How often the engine sweeps time-based buckets, in seconds (as `membrane run`).
     #[arg(long, default_value_t = 60.0)]
     sweep_interval: f64,
-    /// Queue entries the engine claims per real-time round (as `membrane run --round-size`).
+    /// Users the engine claims per real-time round (as `membrane run --round-size`).
     #[arg(long)]
     round_size: Option<u32>,
     /// Real-time rounds the engine runs at once (as `membrane run --realtime-workers`).
