@@ -1,15 +1,15 @@
 //! Group commit against a real database: concurrent ingest requests share transactions, each
 //! request stays all-or-nothing, and one that fails fails alone.
 
+mod support;
+
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
-use http_body_util::BodyExt;
 use membrane_http::ApiConfig;
 use membrane_store::testing::fresh_database;
 use membrane_store::Store;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 const REQUESTS: usize = 40;
 const MESSAGES_PER_REQUEST: usize = 50;
@@ -25,18 +25,8 @@ async fn post_batch(app: Router, batch: Vec<Value>) -> (StatusCode, Value) {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(json!({ "batch": batch }).to_string()))
         .expect("a request");
-    let response = app.oneshot(request).await.expect("a response");
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("a body")
-        .to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).expect("a JSON answer"),
-    )
+    let (status, _, body) = support::send(&app, request).await;
+    (status, body)
 }
 
 /// Message `message` of request `request`, sent by request `sender` (its properties say which).

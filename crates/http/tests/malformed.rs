@@ -1,16 +1,16 @@
 //! The HTTP API against a real database: every malformed request gets the right status and a
 //! precise error and writes nothing; well-formed Segment messages land as Segment means them.
 
+mod support;
+
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use chrono::{DateTime, Duration, Utc};
-use http_body_util::BodyExt;
 use membrane_http::{ApiConfig, MAX_BATCH_MESSAGES, MAX_BODY_BYTES, MAX_NESTING_DEPTH};
 use membrane_store::testing::fresh_database;
 use membrane_store::Store;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 const WRITE_KEY: &str = "write-key-1";
 const READ_TOKEN: &str = "read-token-1";
@@ -78,19 +78,11 @@ impl Call {
         if let Some(content_type) = self.content_type {
             request = request.header(header::CONTENT_TYPE, content_type);
         }
-        let response = app
-            .clone()
-            .oneshot(request.body(Body::from(self.body)).unwrap())
-            .await
-            .unwrap();
-        let status = response.status();
-        let challenge = response
-            .headers()
+        let request = request.body(Body::from(self.body)).unwrap();
+        let (status, headers, body) = support::send(app, request).await;
+        let challenge = headers
             .get(header::WWW_AUTHENTICATE)
             .map(|value| value.to_str().unwrap().to_owned());
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let body = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|e| panic!("response is not JSON ({e}): {bytes:?}"));
         (status, challenge, body)
     }
 }

@@ -1,6 +1,8 @@
 //! The read API against a real database: bucket status, has, member pages that stay stable
 //! while members change, a user's buckets, and transitions with long-poll.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -8,12 +10,10 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use chrono::Utc;
-use http_body_util::BodyExt;
 use membrane_http::ApiConfig;
 use membrane_store::testing::fresh_database;
 use membrane_store::{BucketVersion, EntryRule, Source, Store};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 const WRITE_KEY: &str = "write-key-1";
 const READ_TOKEN: &str = "read-token-1";
@@ -34,16 +34,7 @@ async fn get_as(app: &Router, uri: &str, token: &str) -> (StatusCode, Value) {
         .header(header::AUTHORIZATION, format!("Bearer {token}"))
         .body(Body::empty())
         .expect("a request");
-    let response = app.clone().oneshot(request).await.expect("an answer");
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("a body")
-        .to_bytes();
-    let body = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|e| panic!("{uri}: response is not JSON ({e}): {bytes:?}"));
+    let (status, _, body) = support::send(app, request).await;
     (status, body)
 }
 
