@@ -12,7 +12,7 @@ use membrane_store::{
 };
 use tokio::sync::watch;
 
-use crate::evaluate::{evaluate_batch, Outcome, Recording};
+use crate::evaluate::{evaluate_batches, Batch, Outcome, Recording};
 use crate::registry::LoadedBucket;
 use crate::{EngineError, Shared, TransitionKind};
 
@@ -145,19 +145,20 @@ async fn realtime_round(shared: &Arc<Shared>) -> Result<usize, EngineError> {
         }
     }
     let now = Utc::now();
-    for (bucket_id, users) in users_by_bucket {
-        let Some(bucket) = registry
-            .buckets
-            .get(bucket_id)
-            .filter(|b| b.enabled(&switches))
-        else {
-            continue;
-        };
-        evaluate_serving(shared, &mut round, bucket.clone(), &users, now, |b| {
-            Recording::live(b, Source::Event)
+    let work: Vec<(Arc<LoadedBucket>, Vec<String>)> = users_by_bucket
+        .into_iter()
+        .filter_map(|(bucket_id, users)| {
+            let bucket = registry
+                .buckets
+                .get(bucket_id)
+                .filter(|b| b.enabled(&switches))?;
+            Some((bucket.clone(), users))
         })
-        .await?;
-    }
+        .collect();
+    evaluate_serving_all(shared, &mut round, work, now, |b| {
+        Recording::live(b, Source::Event)
+    })
+    .await?;
     round.commit().await?;
     shared.stats.rounds.inc();
     Ok(queued.len())
@@ -169,26 +170,61 @@ async fn realtime_round(shared: &Arc<Shared>) -> Result<usize, EngineError> {
 pub(crate) async fn evaluate_serving(
     shared: &Shared,
     round: &mut Round,
-    mut bucket: Arc<LoadedBucket>,
+    bucket: Arc<LoadedBucket>,
     users: &[String],
     now: DateTime<Utc>,
     recording: impl Fn(&LoadedBucket) -> Recording,
 ) -> Result<Outcome, EngineError> {
-    loop {
-        match evaluate_batch(round, &bucket, users, now, recording(&bucket)).await {
-            Ok(outcome) => {
-                count(shared, &outcome);
-                return Ok(outcome);
-            }
-            Err(EngineError::Predicate { source, .. }) => {
-                match quarantine(shared, &bucket, &source).await? {
-                    Some(serving) => bucket = serving,
-                    None => return Ok(Outcome::default()),
+    let work = vec![(bucket, users.to_vec())];
+    let outcomes = evaluate_serving_all(shared, round, work, now, recording).await?;
+    Ok(outcomes.into_iter().next().unwrap_or_default())
+}
+
+/// [`evaluate_serving`] for several buckets, evaluated together ([`evaluate_batches`]); returns
+/// one outcome per bucket, in order (the default for a bucket left with no serving version).
+pub(crate) async fn evaluate_serving_all(
+    shared: &Shared,
+    round: &mut Round,
+    mut work: Vec<(Arc<LoadedBucket>, Vec<String>)>,
+    now: DateTime<Utc>,
+    recording: impl Fn(&LoadedBucket) -> Recording,
+) -> Result<Vec<Outcome>, EngineError> {
+    let mut outcomes = vec![Outcome::default(); work.len()];
+    // The positions in `outcomes` of the buckets still to evaluate.
+    let mut pending: Vec<usize> = (0..work.len()).collect();
+    while !pending.is_empty() {
+        let batches: Vec<Batch> = pending
+            .iter()
+            .map(|&index| {
+                let (bucket, users) = &work[index];
+                Batch {
+                    bucket,
+                    users,
+                    recording: recording(bucket),
                 }
+            })
+            .collect();
+        let results = evaluate_batches(round, &batches, now).await?;
+        let mut faulted = Vec::new();
+        for (index, result) in pending.iter().copied().zip(results) {
+            match result {
+                Ok(outcome) => {
+                    count(shared, &outcome);
+                    outcomes[index] = outcome;
+                }
+                Err(EngineError::Predicate { source, .. }) => faulted.push((index, source)),
+                Err(other) => return Err(other),
             }
-            Err(other) => return Err(other),
+        }
+        pending.clear();
+        for (index, fault) in faulted {
+            if let Some(serving) = quarantine(shared, &work[index].0, &fault).await? {
+                work[index].0 = serving;
+                pending.push(index);
+            }
         }
     }
+    Ok(outcomes)
 }
 
 /// Takes a faulting version out of service (once, however many tasks hit the fault), records

@@ -1,13 +1,18 @@
-//! Deciding memberships for a batch of users in one bucket: facts gathered set-based, the
-//! predicate run once over the whole batch in WASM, joins and leaves applied in the round.
+//! Deciding memberships for batches of users, one batch per bucket: facts gathered set-based
+//! for every batch at once, each predicate run once over its whole batch in WASM, and the joins,
+//! leaves and timers of every batch applied in the round together.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, TimeDelta, Utc};
+use membrane_abi::FactBatch;
 use membrane_criteria::bucket::{BucketBody, DwellMark, ReconcileJoins};
 use membrane_criteria::clock::{next_change_at, TimedFacts};
 use membrane_criteria::plan::Plan;
-use membrane_store::{ActiveMember, Applied, ArmPolicy, DwellDue, EntryRule, Round, Source};
+use membrane_store::{
+    ActiveMember, Admission, Applied, ArmPolicy, Arming, Departure, DwellDue, EntryRule,
+    FactRequest, Round, Source,
+};
 
 use crate::registry::LoadedBucket;
 use crate::EngineError;
@@ -53,193 +58,391 @@ impl Recording {
     }
 }
 
-/// Evaluates `users` against `bucket` at `now`, applies the difference to the round, and
-/// re-arms each user's timer in the bucket for the next instant anything can change for them
-/// with no new event (all in the round's transaction).
-pub async fn evaluate_batch(
+/// One bucket's share of an evaluation: the users to evaluate and how changes are recorded.
+#[derive(Clone, Copy)]
+pub struct Batch<'a> {
+    pub bucket: &'a LoadedBucket,
+    pub users: &'a [String],
+    pub recording: Recording,
+}
+
+/// What one batch's predicate decided, before anything is written.
+#[derive(Default)]
+struct Decision {
+    joins: Vec<String>,
+    leaves: Vec<(String, i32)>,
+    expired: Vec<(String, i32)>,
+    /// The same three, for users recorded as the real-time path would (`live_if_pending`).
+    live_joins: Vec<String>,
+    live_leaves: Vec<(String, i32)>,
+    live_expired: Vec<(String, i32)>,
+    marks: Vec<DwellDue>,
+    /// Each user's membership after this evaluation: `Some((entered_at, deferred))` while a
+    /// member, `deferred` when a criteria leave waits for min_dwell.
+    after: Vec<Option<(DateTime<Utc>, bool)>>,
+    wasm: std::time::Duration,
+}
+
+/// Evaluates each batch's users against its bucket at `now`, applies the differences to the
+/// round, and re-arms each user's timer in each bucket for the next instant anything can
+/// change for them with no new event (all in the round's transaction). Facts, window events
+/// and active memberships are read for every batch in one statement each, and joins, leaves
+/// and timers written in one statement each, so a round's round trips do not grow with the
+/// number of buckets it touches. Returns one result per batch, in order: a batch whose
+/// predicate faults changes nothing and returns [`EngineError::Predicate`]; the others apply.
+pub async fn evaluate_batches(
     round: &mut Round,
-    bucket: &LoadedBucket,
-    users: &[String],
+    batches: &[Batch<'_>],
     now: DateTime<Utc>,
-    recording: Recording,
-) -> Result<Outcome, EngineError> {
-    if users.is_empty() {
-        return Ok(Outcome::default());
+) -> Result<Vec<Result<Outcome, EngineError>>, EngineError> {
+    let requests: Vec<FactRequest> = batches
+        .iter()
+        .map(|batch| FactRequest {
+            users: batch.users,
+            facts: &batch.bucket.facts,
+        })
+        .collect();
+    let facts = round.gather_facts_for(&requests, now).await?;
+    // Only time-based criteria need the instants of their windows' events.
+    let timed: Vec<FactRequest> = batches
+        .iter()
+        .map(|batch| FactRequest {
+            users: if clock_plan(batch.bucket).is_some() {
+                batch.users
+            } else {
+                &[]
+            },
+            facts: &batch.bucket.facts,
+        })
+        .collect();
+    let window_events = round.gather_window_events_for(&timed, now).await?;
+    let pairs: Vec<(&str, &[String])> = batches
+        .iter()
+        .map(|batch| (batch.bucket.id(), batch.users))
+        .collect();
+    let active = round.active_members_of(&pairs).await?;
+
+    let mut decisions: Vec<Result<Decision, EngineError>> = Vec::with_capacity(batches.len());
+    for ((batch, facts), active) in batches.iter().zip(&facts).zip(&active) {
+        let started = std::time::Instant::now();
+        let verdicts = tokio::task::block_in_place(|| {
+            batch
+                .bucket
+                .predicate
+                .evaluate_batch(facts, now.timestamp_millis())
+        });
+        let wasm = started.elapsed();
+        let verdicts = match verdicts {
+            Ok(verdicts) => verdicts,
+            Err(source) => {
+                decisions.push(Err(EngineError::Predicate {
+                    bucket: batch.bucket.id().to_owned(),
+                    source,
+                }));
+                continue;
+            }
+        };
+        let mut decision = decide(batch, &verdicts, active, now);
+        decision.wasm = wasm;
+        refuse_clock_joins(round, batch, &mut decision).await?;
+        record_pending_as_live(round, batch, &mut decision).await?;
+        decisions.push(Ok(decision));
     }
-    let clock = clock_plan(bucket);
-    let facts = round.gather_facts(users, &bucket.facts, now).await?;
-    let window_events = match clock {
-        Some(_) => {
-            round
-                .gather_window_events(users, &bucket.facts, now)
-                .await?
-        }
-        None => Vec::new(),
+
+    let applied = apply(round, batches, &decisions, now).await?;
+    let timers_armed =
+        arm_next_changes(round, batches, &decisions, &facts, window_events, now).await?;
+    Ok(decisions
+        .into_iter()
+        .zip(applied)
+        .zip(timers_armed)
+        .zip(batches)
+        .map(
+            |(((decision, (joined, left, dwell)), timers_armed), batch)| {
+                decision.map(|decision| Outcome {
+                    evaluated: batch.users.len() as u64,
+                    joined,
+                    left,
+                    dwell,
+                    timers_armed,
+                    wasm: Some(decision.wasm),
+                })
+            },
+        )
+        .collect())
+}
+
+/// The joins, leaves and due `dwell` marks the verdicts call for.
+fn decide(
+    batch: &Batch<'_>,
+    verdicts: &[bool],
+    active: &HashMap<String, ActiveMember>,
+    now: DateTime<Utc>,
+) -> Decision {
+    let rules = DwellRules::of(batch.bucket);
+    let mut decision = Decision {
+        after: Vec::with_capacity(batch.users.len()),
+        ..Decision::default()
     };
-    let started = std::time::Instant::now();
-    let verdicts = tokio::task::block_in_place(|| {
-        bucket
-            .predicate
-            .evaluate_batch(&facts, now.timestamp_millis())
-    })
-    .map_err(|source| EngineError::Predicate {
-        bucket: bucket.id().to_owned(),
-        source,
-    })?;
-    let wasm = started.elapsed();
-    let active = round.active_members(bucket.id(), users).await?;
-    let rules = DwellRules::of(bucket);
-    let mut joins = Vec::new();
-    let mut leaves = Vec::new();
-    let mut expired = Vec::new();
-    let mut marks = Vec::new();
-    // Each user's membership after this evaluation: `Some((entered_at, deferred))` while a
-    // member, `deferred` when a criteria leave waits for min_dwell.
-    let mut after: Vec<Option<(DateTime<Utc>, bool)>> = Vec::with_capacity(users.len());
-    for (user, &member) in users.iter().zip(&verdicts) {
+    for (user, &member) in batch.users.iter().zip(verdicts) {
         let Some(current) = active.get(user) else {
             if member {
-                joins.push(user.clone());
-                after.push(Some((now, false)));
+                decision.joins.push(user.clone());
+                decision.after.push(Some((now, false)));
             } else {
-                after.push(None);
+                decision.after.push(None);
             }
             continue;
         };
         let dwelt = now - current.entered_at;
         if rules.max.is_some_and(|max| dwelt >= max) {
-            expired.push((user.clone(), current.epoch));
-            after.push(None);
+            decision.expired.push((user.clone(), current.epoch));
+            decision.after.push(None);
         } else if !member && rules.min.is_none_or(|min| dwelt >= min) {
-            leaves.push((user.clone(), current.epoch));
-            after.push(None);
+            decision.leaves.push((user.clone(), current.epoch));
+            decision.after.push(None);
         } else {
-            rules.due_marks(current, now, &mut marks);
-            after.push(Some((current.entered_at, !member)));
+            rules.due_marks(current, now, &mut decision.marks);
+            decision.after.push(Some((current.entered_at, !member)));
         }
     }
-    if matches!(recording.source, Source::Timer | Source::Sweep) && !joins.is_empty() {
-        // The clock alone never re-admits a user max_dwell took out, and never joins at all
-        // when the bucket says `reconcile_joins = false`.
-        let refused: HashSet<String> = if bucket.def.reconcile_joins == ReconcileJoins::Never {
-            joins.iter().cloned().collect()
-        } else {
-            round.clock_rejoin_blocked(bucket.id(), &joins).await?
-        };
-        if !refused.is_empty() {
-            joins.retain(|user| !refused.contains(user));
-            for (user, state) in users.iter().zip(after.iter_mut()) {
-                if refused.contains(user) {
-                    *state = None;
-                }
+    decision
+}
+
+/// The clock alone never re-admits a user max_dwell took out, and never joins at all when the
+/// bucket says `reconcile_joins = false`.
+async fn refuse_clock_joins(
+    round: &mut Round,
+    batch: &Batch<'_>,
+    decision: &mut Decision,
+) -> Result<(), EngineError> {
+    let bucket = batch.bucket;
+    if !matches!(batch.recording.source, Source::Timer | Source::Sweep) || decision.joins.is_empty()
+    {
+        return Ok(());
+    }
+    let refused: HashSet<String> = if bucket.def.reconcile_joins == ReconcileJoins::Never {
+        decision.joins.iter().cloned().collect()
+    } else {
+        round
+            .clock_rejoin_blocked(bucket.id(), &decision.joins)
+            .await?
+    };
+    if !refused.is_empty() {
+        decision.joins.retain(|user| !refused.contains(user));
+        for (user, state) in batch.users.iter().zip(decision.after.iter_mut()) {
+            if refused.contains(user) {
+                *state = None;
             }
         }
     }
-    let pending: HashSet<String> = if recording.live_if_pending {
-        let changed: Vec<String> = joins
-            .iter()
-            .chain(leaves.iter().map(|(user, _)| user))
-            .chain(expired.iter().map(|(user, _)| user))
-            .cloned()
-            .collect();
-        round
-            .pending_changes(&changed)
-            .await?
-            .into_iter()
-            .filter(|change| bucket.affected_by(change))
-            .map(|change| change.user_id)
-            .collect()
-    } else {
-        HashSet::new()
-    };
-    let live = Recording::live(bucket, Source::Event);
-    let (live_joins, joins) = split_off(joins, |user| pending.contains(user));
-    let (live_leaves, leaves) = split_off(leaves, |(user, _)| pending.contains(user));
-    let (live_expired, expired) = split_off(expired, |(user, _)| pending.contains(user));
-    let mut joined = Applied::default();
-    let mut left = Applied::default();
-    for (recording, joins, leaves, expired) in [
-        (recording, joins, leaves, expired),
-        (live, live_joins, live_leaves, live_expired),
-    ] {
-        let applied = round
-            .join(
-                bucket.id(),
-                &joins,
-                recording.join_rule,
-                recording.source,
-                recording.join_reason,
-                now,
-            )
-            .await?;
-        add(&mut joined, applied);
-        let applied = round
-            .leave(
-                bucket.id(),
-                &leaves,
-                recording.source,
-                recording.leave_reason,
-                now,
-            )
-            .await?;
-        add(&mut left, applied);
-        let applied = round
-            .leave(bucket.id(), &expired, recording.source, "max_dwell", now)
-            .await?;
-        add(&mut left, applied);
-    }
-    let dwell = round.dwell(bucket.id(), &marks, recording.source).await?;
+    Ok(())
+}
 
-    let now_ms = now.timestamp_millis();
-    let mut window_events = window_events.into_iter();
-    // The clock reads facts as values; only time-based criteria need them decoded.
-    let values = match clock {
-        Some(_) => facts.rows(),
-        None => vec![Vec::new(); users.len()],
-    };
-    let due: Vec<Option<DateTime<Utc>>> = values
-        .into_iter()
-        .zip(after)
-        .map(|(values, membership)| {
-            let criteria = clock.and_then(|plan| {
-                let timed = TimedFacts {
-                    values,
-                    window_events: window_events.next().unwrap_or_default(),
-                };
-                let criteria_can_act =
-                    membership.is_some() || bucket.def.reconcile_joins != ReconcileJoins::Never;
-                criteria_can_act
-                    .then(|| next_change_at(plan, &timed, now_ms))
-                    .flatten()
-                    .and_then(DateTime::from_timestamp_millis)
-            });
-            let dwell = membership
-                .and_then(|(entered_at, deferred)| rules.next_instant(entered_at, deferred, now));
-            [criteria, dwell].into_iter().flatten().min()
-        })
+/// Moves the changes of users with an unprocessed change touching the bucket to the `live_*`
+/// lists, when the batch's recording asks for it.
+async fn record_pending_as_live(
+    round: &mut Round,
+    batch: &Batch<'_>,
+    decision: &mut Decision,
+) -> Result<(), EngineError> {
+    if !batch.recording.live_if_pending {
+        return Ok(());
+    }
+    let changed: Vec<String> = decision
+        .joins
+        .iter()
+        .chain(decision.leaves.iter().map(|(user, _)| user))
+        .chain(decision.expired.iter().map(|(user, _)| user))
+        .cloned()
         .collect();
-    let timers_armed = round
-        .arm_timers(
-            bucket.id(),
-            users,
-            &due,
-            // The clock's own paths set timers exactly, so an early one is put right when it
-            // fires; the others only bring timers forward.
-            match recording.source {
-                Source::Timer | Source::Sweep => ArmPolicy::Exact,
-                Source::Event | Source::Backfill | Source::Operator => ArmPolicy::EarlierOnly,
-            },
-            now + crate::timers::LONGEST_SLEEP,
-        )
-        .await?;
-    Ok(Outcome {
-        evaluated: users.len() as u64,
-        joined,
-        left,
-        dwell,
-        timers_armed,
-        wasm: Some(wasm),
-    })
+    let pending: HashSet<String> = round
+        .pending_changes(&changed)
+        .await?
+        .into_iter()
+        .filter(|change| batch.bucket.affected_by(change))
+        .map(|change| change.user_id)
+        .collect();
+    (decision.live_joins, decision.joins) =
+        split_off(std::mem::take(&mut decision.joins), |user| {
+            pending.contains(user)
+        });
+    (decision.live_leaves, decision.leaves) =
+        split_off(std::mem::take(&mut decision.leaves), |(user, _)| {
+            pending.contains(user)
+        });
+    (decision.live_expired, decision.expired) =
+        split_off(std::mem::take(&mut decision.expired), |(user, _)| {
+            pending.contains(user)
+        });
+    Ok(())
+}
+
+/// Writes every decided join and leave (one statement each for all batches) and the due
+/// `dwell` marks; returns, per batch, what was joined, what was left and the marks written.
+async fn apply(
+    round: &mut Round,
+    batches: &[Batch<'_>],
+    decisions: &[Result<Decision, EngineError>],
+    now: DateTime<Utc>,
+) -> Result<Vec<(Applied, Applied, i64)>, EngineError> {
+    let mut admissions = Vec::new();
+    let mut departures = Vec::new();
+    for (index, (batch, decision)) in batches.iter().zip(decisions).enumerate() {
+        let Ok(decision) = decision else { continue };
+        let live = Recording::live(batch.bucket, Source::Event);
+        for (recording, joins, leaves, expired) in [
+            (
+                batch.recording,
+                &decision.joins,
+                &decision.leaves,
+                &decision.expired,
+            ),
+            (
+                live,
+                &decision.live_joins,
+                &decision.live_leaves,
+                &decision.live_expired,
+            ),
+        ] {
+            let bucket_id = batch.bucket.id();
+            admissions.push((
+                index,
+                Admission {
+                    bucket_id,
+                    users: joins,
+                    rule: recording.join_rule,
+                    source: recording.source,
+                    reason: recording.join_reason,
+                },
+            ));
+            for (members, reason) in [(leaves, recording.leave_reason), (expired, "max_dwell")] {
+                departures.push((
+                    index,
+                    Departure {
+                        bucket_id,
+                        members,
+                        source: recording.source,
+                        reason,
+                    },
+                ));
+            }
+        }
+    }
+    let mut applied = vec![(Applied::default(), Applied::default(), 0); batches.len()];
+    let (owners, admissions): (Vec<usize>, Vec<Admission>) = admissions.into_iter().unzip();
+    for (index, joined) in owners
+        .into_iter()
+        .zip(round.join_all(&admissions, now).await?)
+    {
+        add(&mut applied[index].0, joined);
+    }
+    let (owners, departures): (Vec<usize>, Vec<Departure>) = departures.into_iter().unzip();
+    for (index, left) in owners
+        .into_iter()
+        .zip(round.leave_all(&departures, now).await?)
+    {
+        add(&mut applied[index].1, left);
+    }
+    for (index, (batch, decision)) in batches.iter().zip(decisions).enumerate() {
+        if let Ok(decision) = decision {
+            applied[index].2 = round
+                .dwell(batch.bucket.id(), &decision.marks, batch.recording.source)
+                .await?;
+        }
+    }
+    Ok(applied)
+}
+
+/// Each user's next instant in a bucket (`None`: none, so no timer).
+type NextInstants = Vec<Option<DateTime<Utc>>>;
+
+/// Re-arms each evaluated user's timer in each bucket for the next instant anything can change
+/// for them with no new event; returns, per batch, how many timers were armed or moved.
+async fn arm_next_changes(
+    round: &mut Round,
+    batches: &[Batch<'_>],
+    decisions: &[Result<Decision, EngineError>],
+    facts: &[FactBatch],
+    window_events: Vec<Vec<Vec<Vec<i64>>>>,
+    now: DateTime<Utc>,
+) -> Result<Vec<u64>, EngineError> {
+    let now_ms = now.timestamp_millis();
+    // Per batch: its position, how its timers are set, and each user's next instant.
+    let mut wanted: Vec<(usize, ArmPolicy, NextInstants)> = Vec::new();
+    for (index, (((batch, decision), facts), window_events)) in batches
+        .iter()
+        .zip(decisions)
+        .zip(facts)
+        .zip(window_events)
+        .enumerate()
+    {
+        let Ok(decision) = decision else { continue };
+        let bucket = batch.bucket;
+        let clock = clock_plan(bucket);
+        let rules = DwellRules::of(bucket);
+        let mut window_events = window_events.into_iter();
+        // The clock reads facts as values; only time-based criteria need them decoded.
+        let values = match clock {
+            Some(_) => facts.rows(),
+            None => vec![Vec::new(); batch.users.len()],
+        };
+        let due: Vec<Option<DateTime<Utc>>> = values
+            .into_iter()
+            .zip(&decision.after)
+            .map(|(values, membership)| {
+                let criteria = clock.and_then(|plan| {
+                    let timed = TimedFacts {
+                        values,
+                        window_events: window_events.next().unwrap_or_default(),
+                    };
+                    let criteria_can_act =
+                        membership.is_some() || bucket.def.reconcile_joins != ReconcileJoins::Never;
+                    criteria_can_act
+                        .then(|| next_change_at(plan, &timed, now_ms))
+                        .flatten()
+                        .and_then(DateTime::from_timestamp_millis)
+                });
+                let dwell = membership.and_then(|(entered_at, deferred)| {
+                    rules.next_instant(entered_at, deferred, now)
+                });
+                [criteria, dwell].into_iter().flatten().min()
+            })
+            .collect();
+        // The clock's own paths set timers exactly, so an early one is put right when it
+        // fires; the others only bring timers forward.
+        let policy = match batch.recording.source {
+            Source::Timer | Source::Sweep => ArmPolicy::Exact,
+            Source::Event | Source::Backfill | Source::Operator => ArmPolicy::EarlierOnly,
+        };
+        wanted.push((index, policy, due));
+    }
+    let mut armed = vec![0; batches.len()];
+    for policy in [ArmPolicy::Exact, ArmPolicy::EarlierOnly] {
+        let (owners, armings): (Vec<usize>, Vec<Arming>) = wanted
+            .iter()
+            .filter(|(_, wanted_policy, _)| *wanted_policy == policy)
+            .map(|(index, _, due)| {
+                let batch = &batches[*index];
+                let arming = Arming {
+                    bucket_id: batch.bucket.id(),
+                    users: batch.users,
+                    due,
+                };
+                (*index, arming)
+            })
+            .unzip();
+        if armings.is_empty() {
+            continue;
+        }
+        let counts = round
+            .arm_timers_all(&armings, policy, now + crate::timers::LONGEST_SLEEP)
+            .await?;
+        for (index, count) in owners.into_iter().zip(counts) {
+            armed[index] = count;
+        }
+    }
+    Ok(armed)
 }
 
 /// `(matching, rest)`.

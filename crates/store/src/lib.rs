@@ -19,16 +19,19 @@ pub mod webhooks;
 pub use buckets::{
     BackfillProgress, BucketLock, BucketSwitch, BucketVersion, BucketWork, SweepRun,
 };
+pub use facts::FactRequest;
 pub use imports::{ImportCheckpoint, ImportFile, ImportProgress};
 pub use ingest::{IngestOutcome, Message, QUEUE_CHANNEL};
 pub use maintenance::HotTable;
-pub use membership::{ActiveMember, Applied, DwellDue, EntryRule, Source, TRANSITIONS_CHANNEL};
+pub use membership::{
+    ActiveMember, Admission, Applied, Departure, DwellDue, EntryRule, Source, TRANSITIONS_CHANNEL,
+};
 pub use reads::{
     BadCursor, BucketStatus, MemberCursor, MembersPage, QueueLag, TransitionRow, TransitionsPage,
     UserMembership,
 };
 pub use round::{QueuedUser, Round};
-pub use timers::{ArmPolicy, DueTimer, TimerClaim, TIMERS_CHANNEL};
+pub use timers::{ArmPolicy, Arming, DueTimer, TimerClaim, TIMERS_CHANNEL};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 

@@ -70,6 +70,31 @@ pub struct Applied {
     pub transitions: i64,
 }
 
+/// Users to admit to one bucket, and how their `entered` transitions are recorded.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission<'a> {
+    pub bucket_id: &'a str,
+    pub users: &'a [String],
+    pub rule: EntryRule,
+    pub source: Source,
+    pub reason: &'a str,
+}
+
+/// Memberships of one bucket to close, each `(user, epoch)`, and how their `left` transitions
+/// are recorded.
+#[derive(Debug, Clone, Copy)]
+pub struct Departure<'a> {
+    pub bucket_id: &'a str,
+    pub members: &'a [(String, i32)],
+    pub source: Source,
+    pub reason: &'a str,
+}
+
+/// Request `i` of a batch statement's parameter arrays.
+fn request_index(i: usize) -> i32 {
+    i32::try_from(i).unwrap_or(i32::MAX)
+}
+
 impl Round {
     /// The active memberships of `users` in `bucket_id`, keyed by user.
     pub async fn active_members(
@@ -77,43 +102,59 @@ impl Round {
         bucket_id: &str,
         users: &[String],
     ) -> Result<HashMap<String, ActiveMember>> {
-        let rows: Vec<(String, i32, DateTime<Utc>)> = sqlx::query_as(
+        let mut found = self.active_members_of(&[(bucket_id, users)]).await?;
+        Ok(found.pop().expect("one map per bucket"))
+    }
+
+    /// [`Round::active_members`] of several `(bucket, users)` pairs in one statement, one map
+    /// per pair in order.
+    pub async fn active_members_of(
+        &mut self,
+        requests: &[(&str, &[String])],
+    ) -> Result<Vec<HashMap<String, ActiveMember>>> {
+        let (mut indexes, mut buckets, mut users) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, (bucket_id, members)) in requests.iter().enumerate() {
+            for user in *members {
+                indexes.push(request_index(i));
+                buckets.push(*bucket_id);
+                users.push(user.as_str());
+            }
+        }
+        let mut found = vec![HashMap::new(); requests.len()];
+        if users.is_empty() {
+            return Ok(found);
+        }
+        let rows: Vec<(i32, String, i32, DateTime<Utc>)> = sqlx::query_as(
             // One index probe per user, whatever the statistics say: on a table that grew
             // since it was last analyzed, the planner scans the bucket's whole active set and
             // filters it by user. (`LIMIT` keeps the subquery from being flattened into a
             // join the planner could reorder; there is at most one active row anyway.)
-            "SELECT m.user_id, m.epoch, m.entered_at FROM unnest($2::text[]) AS u(user_id) \
+            "SELECT u.request, m.user_id, m.epoch, m.entered_at \
+             FROM unnest($1::int4[], $2::text[], $3::text[]) AS u(request, bucket_id, user_id) \
              CROSS JOIN LATERAL (SELECT user_id, epoch, entered_at FROM memberships \
-                 WHERE bucket_id = $1 AND user_id = u.user_id AND status = 'active' \
+                 WHERE bucket_id = u.bucket_id AND user_id = u.user_id AND status = 'active' \
                  LIMIT 1) AS m",
         )
-        .bind(bucket_id)
-        .bind(users)
+        .bind(&indexes)
+        .bind(&buckets)
+        .bind(&users)
         .fetch_all(&mut *self.tx)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(user_id, epoch, entered_at)| {
-                (
-                    user_id.clone(),
-                    ActiveMember {
-                        user_id,
-                        epoch,
-                        entered_at,
-                    },
-                )
-            })
-            .collect())
+        for (request, user_id, epoch, entered_at) in rows {
+            if let Some(members) = usize::try_from(request).ok().and_then(|i| found.get_mut(i)) {
+                let member = ActiveMember {
+                    user_id: user_id.clone(),
+                    epoch,
+                    entered_at,
+                };
+                members.insert(user_id, member);
+            }
+        }
+        Ok(found)
     }
 
     /// Admits `users` to `bucket_id` at `at`. The caller holds the users' locks and has seen
     /// none of them active.
-    ///
-    /// The inserts have no `ON CONFLICT`: every writer of a user's memberships holds the
-    /// user's lock, so no one else can write the next epoch meanwhile, and membership rows are
-    /// never deleted, so the next epoch and its `entered` key are new. A conflict would be a
-    /// broken invariant, and fails the round rather than passing unseen; skipping the
-    /// speculative insertion spares two unique-index probes and a WAL record per join.
     pub async fn join(
         &mut self,
         bucket_id: &str,
@@ -123,54 +164,112 @@ impl Round {
         reason: &str,
         at: DateTime<Utc>,
     ) -> Result<Applied> {
-        if users.is_empty() {
-            return Ok(Applied::default());
-        }
-        let (rule_name, period_secs) = match rule {
-            EntryRule::Unlimited => ("unlimited", 0),
-            EntryRule::Once => ("once", 0),
-            EntryRule::OncePerPeriod(secs) => ("once_per_period", secs),
-            EntryRule::Silent => ("silent", 0),
+        let admission = Admission {
+            bucket_id,
+            users,
+            rule,
+            source,
+            reason,
         };
-        let (memberships, transitions): (i64, i64) = sqlx::query_as(
+        let mut applied = self.join_all(&[admission], at).await?;
+        Ok(applied.pop().expect("one outcome per admission"))
+    }
+
+    /// Applies every admission at `at` in one statement; returns what each did, in order. The
+    /// caller holds the users' locks and has seen none of them active in the bucket, and names
+    /// each (bucket, user) pair at most once.
+    ///
+    /// The inserts have no `ON CONFLICT`: every writer of a user's memberships holds the
+    /// user's lock, so no one else can write the next epoch meanwhile, and membership rows are
+    /// never deleted, so the next epoch and its `entered` key are new. A conflict would be a
+    /// broken invariant, and fails the round rather than passing unseen; skipping the
+    /// speculative insertion spares two unique-index probes and a WAL record per join.
+    pub async fn join_all(
+        &mut self,
+        admissions: &[Admission<'_>],
+        at: DateTime<Utc>,
+    ) -> Result<Vec<Applied>> {
+        let mut outcomes = vec![Applied::default(); admissions.len()];
+        let (mut indexes, mut buckets, mut users) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut rules, mut periods, mut sources, mut reasons) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, admission) in admissions.iter().enumerate() {
+            for user in admission.users {
+                indexes.push(request_index(i));
+                buckets.push(admission.bucket_id);
+                users.push(user.as_str());
+            }
+            let (rule_name, period_secs) = match admission.rule {
+                EntryRule::Unlimited => ("unlimited", 0),
+                EntryRule::Once => ("once", 0),
+                EntryRule::OncePerPeriod(secs) => ("once_per_period", secs),
+                EntryRule::Silent => ("silent", 0),
+            };
+            rules.push(rule_name);
+            periods.push(period_secs as f64);
+            sources.push(admission.source.as_str());
+            reasons.push(admission.reason);
+        }
+        if users.is_empty() {
+            return Ok(outcomes);
+        }
+        let counts: Vec<(i32, i64, i64)> = sqlx::query_as(
             "WITH joining AS ( \
-                 SELECT j.user_id, earlier.epochs + 1 AS epoch, earlier.last_left \
-                 FROM unnest($2::text[]) AS j(user_id) \
+                 SELECT j.request, j.bucket_id, j.user_id, earlier.epochs + 1 AS epoch, \
+                        earlier.last_left \
+                 FROM unnest($1::int4[], $2::text[], $3::text[]) AS j(request, bucket_id, user_id) \
                  CROSS JOIN LATERAL (SELECT count(*) AS epochs, max(m.left_at) AS last_left \
-                     FROM memberships m WHERE m.bucket_id = $1 AND m.user_id = j.user_id) AS earlier), \
+                     FROM memberships m \
+                     WHERE m.bucket_id = j.bucket_id AND m.user_id = j.user_id) AS earlier), \
+             rules AS ( \
+                 SELECT (ordinality - 1)::int4 AS request, rule, period_secs, source, reason \
+                 FROM unnest($4::text[], $5::float8[], $6::text[], $7::text[]) \
+                     WITH ORDINALITY AS r(rule, period_secs, source, reason)), \
              inserted AS ( \
                  INSERT INTO memberships (bucket_id, user_id, epoch, status, entered_at) \
-                 SELECT $1, user_id, epoch, 'active', $6 FROM joining \
-                 RETURNING user_id, epoch), \
+                 SELECT bucket_id, user_id, epoch, 'active', $8 FROM joining \
+                 RETURNING bucket_id, user_id, epoch), \
              emitted AS ( \
                  INSERT INTO transitions (key, bucket_id, user_id, kind, epoch, source, reason, occurred_at) \
-                 SELECT 'bucket:' || $1 || ':' || i.user_id || ':entered:' || i.epoch, \
-                        $1, i.user_id, 'entered', i.epoch, $4, $5, $6 \
-                 FROM inserted i JOIN joining j USING (user_id) \
-                 WHERE CASE $3 \
+                 SELECT 'bucket:' || i.bucket_id || ':' || i.user_id || ':entered:' || i.epoch, \
+                        i.bucket_id, i.user_id, 'entered', i.epoch, r.source, r.reason, $8 \
+                 FROM inserted i JOIN joining j USING (bucket_id, user_id) \
+                 JOIN rules r ON r.request = j.request \
+                 WHERE CASE r.rule \
                      WHEN 'unlimited' THEN true \
                      WHEN 'once' THEN i.epoch = 1 \
                      WHEN 'once_per_period' THEN j.last_left IS NULL \
-                          OR j.last_left <= $6 - make_interval(secs => $7) \
+                          OR j.last_left <= $8 - make_interval(secs => r.period_secs) \
                      ELSE false END \
-                 RETURNING 1) \
-             SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM emitted)",
+                 RETURNING bucket_id, user_id) \
+             SELECT j.request, count(*), count(e.user_id) \
+             FROM joining j LEFT JOIN emitted e USING (bucket_id, user_id) \
+             GROUP BY j.request",
         )
-        .bind(bucket_id)
-        .bind(users)
-        .bind(rule_name)
-        .bind(source.as_str())
-        .bind(reason)
+        .bind(&indexes)
+        .bind(&buckets)
+        .bind(&users)
+        .bind(&rules)
+        .bind(&periods)
+        .bind(&sources)
+        .bind(&reasons)
         .bind(at)
-        .bind(period_secs as f64)
-        .fetch_one(&mut *self.tx)
+        .fetch_all(&mut *self.tx)
         .await?;
-        let applied = Applied {
-            memberships,
-            transitions,
-        };
-        self.account(bucket_id, applied.memberships, applied);
-        Ok(applied)
+        for (request, memberships, transitions) in counts {
+            if let Some(i) = usize::try_from(request)
+                .ok()
+                .filter(|i| *i < admissions.len())
+            {
+                let applied = Applied {
+                    memberships,
+                    transitions,
+                };
+                self.account(admissions[i].bucket_id, applied.memberships, applied);
+                outcomes[i] = applied;
+            }
+        }
+        Ok(outcomes)
     }
 
     /// Closes the given (user, epoch) memberships of `bucket_id` at `at`, each only if it is
@@ -183,47 +282,96 @@ impl Round {
         reason: &str,
         at: DateTime<Utc>,
     ) -> Result<Applied> {
-        if members.is_empty() {
-            return Ok(Applied::default());
+        let departure = Departure {
+            bucket_id,
+            members,
+            source,
+            reason,
+        };
+        let mut applied = self.leave_all(&[departure], at).await?;
+        Ok(applied.pop().expect("one outcome per departure"))
+    }
+
+    /// Applies every departure at `at` in one statement, as [`Round::leave`] does each; returns
+    /// what each did, in order. Each (bucket, user, epoch) is named at most once.
+    pub async fn leave_all(
+        &mut self,
+        departures: &[Departure<'_>],
+        at: DateTime<Utc>,
+    ) -> Result<Vec<Applied>> {
+        let mut outcomes = vec![Applied::default(); departures.len()];
+        let (mut indexes, mut buckets, mut users, mut epochs) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, departure) in departures.iter().enumerate() {
+            for (user, epoch) in departure.members {
+                indexes.push(request_index(i));
+                buckets.push(departure.bucket_id);
+                users.push(user.as_str());
+                epochs.push(*epoch);
+            }
         }
-        let (users, epochs): (Vec<String>, Vec<i32>) = members.iter().cloned().unzip();
-        let (memberships, transitions): (i64, i64) = sqlx::query_as(
+        if users.is_empty() {
+            return Ok(outcomes);
+        }
+        let sources: Vec<&str> = departures.iter().map(|d| d.source.as_str()).collect();
+        let reasons: Vec<&str> = departures.iter().map(|d| d.reason).collect();
+        let counts: Vec<(i32, i64, i64)> = sqlx::query_as(
             // The rows are found by one primary-key probe each and updated by their tuple
             // ids: joined to the list, the planner may scan the bucket's whole active set
             // when its statistics are stale. A row changed meanwhile no longer matches its
             // tuple id and is left alone, as the compare-and-swap wants.
-            "WITH targets AS MATERIALIZED ( \
-                 SELECT m.ctid AS tid FROM unnest($2::text[], $3::int[]) AS l(user_id, epoch) \
+            "WITH leaving AS MATERIALIZED ( \
+                 SELECT * FROM unnest($1::int4[], $2::text[], $3::text[], $4::int4[]) \
+                     AS l(request, bucket_id, user_id, epoch)), \
+             reasons AS ( \
+                 SELECT (ordinality - 1)::int4 AS request, source, reason \
+                 FROM unnest($5::text[], $6::text[]) WITH ORDINALITY AS r(source, reason)), \
+             targets AS MATERIALIZED ( \
+                 SELECT m.ctid AS tid FROM leaving l \
                  CROSS JOIN LATERAL (SELECT ctid FROM memberships \
-                     WHERE bucket_id = $1 AND user_id = l.user_id AND epoch = l.epoch \
+                     WHERE bucket_id = l.bucket_id AND user_id = l.user_id AND epoch = l.epoch \
                        AND status = 'active' LIMIT 1) AS m), \
              closed AS ( \
-                 UPDATE memberships SET status = 'left', left_at = $6 \
+                 UPDATE memberships SET status = 'left', left_at = $7 \
                  WHERE ctid = ANY(ARRAY(SELECT tid FROM targets)) AND status = 'active' \
-                 RETURNING user_id, epoch), \
+                 RETURNING bucket_id, user_id, epoch), \
+             described AS MATERIALIZED ( \
+                 SELECT l.request, c.bucket_id, c.user_id, c.epoch \
+                 FROM closed c JOIN leaving l USING (bucket_id, user_id, epoch)), \
              emitted AS ( \
                  INSERT INTO transitions (key, bucket_id, user_id, kind, epoch, source, reason, occurred_at) \
-                 SELECT 'bucket:' || $1 || ':' || user_id || ':left:' || epoch, \
-                        $1, user_id, 'left', epoch, $4, $5, $6 \
-                 FROM closed \
+                 SELECT 'bucket:' || d.bucket_id || ':' || d.user_id || ':left:' || d.epoch, \
+                        d.bucket_id, d.user_id, 'left', d.epoch, r.source, r.reason, $7 \
+                 FROM described d JOIN reasons r USING (request) \
                  ON CONFLICT (key) DO NOTHING \
-                 RETURNING 1) \
-             SELECT (SELECT count(*) FROM closed), (SELECT count(*) FROM emitted)",
+                 RETURNING bucket_id, user_id, epoch) \
+             SELECT d.request, count(*), count(e.user_id) \
+             FROM described d LEFT JOIN emitted e USING (bucket_id, user_id, epoch) \
+             GROUP BY d.request",
         )
-        .bind(bucket_id)
+        .bind(&indexes)
+        .bind(&buckets)
         .bind(&users)
         .bind(&epochs)
-        .bind(source.as_str())
-        .bind(reason)
+        .bind(&sources)
+        .bind(&reasons)
         .bind(at)
-        .fetch_one(&mut *self.tx)
+        .fetch_all(&mut *self.tx)
         .await?;
-        let applied = Applied {
-            memberships,
-            transitions,
-        };
-        self.account(bucket_id, -applied.memberships, applied);
-        Ok(applied)
+        for (request, memberships, transitions) in counts {
+            if let Some(i) = usize::try_from(request)
+                .ok()
+                .filter(|i| *i < departures.len())
+            {
+                let applied = Applied {
+                    memberships,
+                    transitions,
+                };
+                self.account(departures[i].bucket_id, -applied.memberships, applied);
+                outcomes[i] = applied;
+            }
+        }
+        Ok(outcomes)
     }
 
     /// Writes the `dwell` transitions in `due`, each only while its membership is still active

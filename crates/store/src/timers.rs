@@ -43,6 +43,15 @@ pub struct TimerClaim {
     pub seen: usize,
 }
 
+/// The wanted timers of one bucket: for each of `users`, the matching instant of `due` (`None`:
+/// no timer).
+#[derive(Debug, Clone, Copy)]
+pub struct Arming<'a> {
+    pub bucket_id: &'a str,
+    pub users: &'a [String],
+    pub due: &'a [Option<DateTime<Utc>>],
+}
+
 impl Round {
     /// Sets the timer of each of `users` in `bucket_id` to the matching instant of `due`
     /// (`None`: no timer), in one statement, as `policy` says. When a timer is armed or moved
@@ -56,11 +65,43 @@ impl Round {
         policy: ArmPolicy,
         notify_before: DateTime<Utc>,
     ) -> Result<u64> {
-        let nothing_due = due.iter().all(Option::is_none);
-        if users.is_empty() || (nothing_due && policy == ArmPolicy::EarlierOnly) {
+        let arming = Arming {
+            bucket_id,
+            users,
+            due,
+        };
+        let mut armed = self
+            .arm_timers_all(&[arming], policy, notify_before)
+            .await?;
+        Ok(armed.pop().expect("one count per arming"))
+    }
+
+    /// [`Round::arm_timers`] for several buckets in one statement; returns how many timers each
+    /// arming armed or moved, in order. Each (bucket, user) pair is named at most once.
+    pub async fn arm_timers_all(
+        &mut self,
+        armings: &[Arming<'_>],
+        policy: ArmPolicy,
+        notify_before: DateTime<Utc>,
+    ) -> Result<Vec<u64>> {
+        let mut counts = vec![0; armings.len()];
+        let (mut indexes, mut buckets, mut users, mut due) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, arming) in armings.iter().enumerate() {
             // Only `Exact` removes timers: with nothing due there is nothing to write (the
             // common case of a bucket that does not move with the clock).
-            return Ok(0);
+            if policy == ArmPolicy::EarlierOnly && arming.due.iter().all(Option::is_none) {
+                continue;
+            }
+            for (user, at) in arming.users.iter().zip(arming.due) {
+                indexes.push(i32::try_from(i).unwrap_or(i32::MAX));
+                buckets.push(arming.bucket_id);
+                users.push(user.as_str());
+                due.push(*at);
+            }
+        }
+        if users.is_empty() {
+            return Ok(counts);
         }
         // Lookups are a probe per user (a lateral subquery with `LIMIT`, or `EXISTS` with
         // `OFFSET 0`, which the planner does not turn into a join): on a table that grew
@@ -68,35 +109,49 @@ impl Round {
         // Timers already where they should be are not offered to the upsert at all: its
         // conflict path locks the row (a WAL record and a dirtied page) before its `WHERE`
         // decides to leave it, and most real-time evaluations leave every timer as it is.
-        let (armed, earliest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
-            "WITH wanted AS ( \
-                 SELECT DISTINCT ON (user_id) user_id, due_at \
-                 FROM unnest($2::text[], $3::timestamptz[]) AS w(user_id, due_at)), \
+        let armed: Vec<(i32, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "WITH wanted AS MATERIALIZED ( \
+                 SELECT DISTINCT ON (bucket_id, user_id) request, bucket_id, user_id, due_at \
+                 FROM unnest($1::int4[], $2::text[], $3::text[], $4::timestamptz[]) \
+                     AS w(request, bucket_id, user_id, due_at)), \
              removed AS ( \
-                 DELETE FROM timers WHERE $4 AND ctid = ANY(ARRAY( \
+                 DELETE FROM timers WHERE $5 AND ctid = ANY(ARRAY( \
                      SELECT t.ctid FROM wanted w CROSS JOIN LATERAL ( \
-                         SELECT ctid FROM timers WHERE bucket_id = $1 AND user_id = w.user_id \
-                         LIMIT 1) AS t \
+                         SELECT ctid FROM timers \
+                         WHERE bucket_id = w.bucket_id AND user_id = w.user_id LIMIT 1) AS t \
                      WHERE w.due_at IS NULL))), \
              armed AS ( \
                  INSERT INTO timers (bucket_id, user_id, due_at) \
-                 SELECT $1, w.user_id, w.due_at FROM wanted w \
+                 SELECT w.bucket_id, w.user_id, w.due_at FROM wanted w \
                  WHERE w.due_at IS NOT NULL AND NOT EXISTS ( \
-                     SELECT 1 FROM timers t WHERE t.bucket_id = $1 AND t.user_id = w.user_id \
-                       AND CASE WHEN $4 THEN t.due_at = w.due_at ELSE t.due_at <= w.due_at END \
+                     SELECT 1 FROM timers t \
+                     WHERE t.bucket_id = w.bucket_id AND t.user_id = w.user_id \
+                       AND CASE WHEN $5 THEN t.due_at = w.due_at ELSE t.due_at <= w.due_at END \
                      OFFSET 0) \
                  ON CONFLICT (bucket_id, user_id) DO UPDATE SET due_at = EXCLUDED.due_at \
-                 WHERE CASE WHEN $4 THEN timers.due_at IS DISTINCT FROM EXCLUDED.due_at \
+                 WHERE CASE WHEN $5 THEN timers.due_at IS DISTINCT FROM EXCLUDED.due_at \
                             ELSE EXCLUDED.due_at < timers.due_at END \
-                 RETURNING due_at) \
-             SELECT count(*), min(due_at) FROM armed",
+                 RETURNING bucket_id, user_id, due_at) \
+             SELECT w.request, count(*), min(a.due_at) \
+             FROM armed a JOIN wanted w USING (bucket_id, user_id) GROUP BY w.request",
         )
-        .bind(bucket_id)
-        .bind(users)
-        .bind(due)
+        .bind(&indexes)
+        .bind(&buckets)
+        .bind(&users)
+        .bind(&due)
         .bind(policy == ArmPolicy::Exact)
-        .fetch_one(&mut *self.tx)
+        .fetch_all(&mut *self.tx)
         .await?;
+        let mut earliest: Option<DateTime<Utc>> = None;
+        for (request, count, first) in armed {
+            if let Some(slot) = usize::try_from(request)
+                .ok()
+                .and_then(|i| counts.get_mut(i))
+            {
+                *slot = count as u64;
+            }
+            earliest = earliest.into_iter().chain(first).min();
+        }
         if let Some(earliest) = earliest.filter(|at| *at < notify_before) {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(TIMERS_CHANNEL)
@@ -104,7 +159,7 @@ impl Round {
                 .execute(&mut *self.tx)
                 .await?;
         }
-        Ok(armed as u64)
+        Ok(counts)
     }
 
     /// Claims up to `limit` timers of `buckets` due at `now`, earliest first, by locking their

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use membrane_abi::{CmpOp, EventFilter, Fact, FactValue, Literal, PropertyTest};
 use membrane_criteria::eval::{gather_from_raw, RawEvent};
 use membrane_store::testing::fresh_database;
-use membrane_store::Store;
+use membrane_store::{FactRequest, Store};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{Map, Value};
@@ -316,12 +316,35 @@ async fn check(store: &Store, case: &Case) -> Result<(), TestCaseError> {
         .begin_round()
         .await
         .map_err(|error| TestCaseError::fail(format!("begin: {error}")))?;
-    let gathered = round
-        .gather_facts(&ids, &case.facts, case.now)
+    // Two batches in one call, as a round gathers for several buckets: the first half of the
+    // users with the case's facts, the rest with the same facts in reverse order.
+    let half = ids.len() / 2;
+    let reversed: Vec<Fact> = case.facts.iter().rev().cloned().collect();
+    let requests = [
+        FactRequest {
+            users: &ids[..half],
+            facts: &case.facts,
+        },
+        FactRequest {
+            users: &ids[half..],
+            facts: &reversed,
+        },
+    ];
+    let batches = round
+        .gather_facts_for(&requests, case.now)
         .await
-        .map_err(|error| TestCaseError::fail(format!("gather_facts: {error}")))?;
-    prop_assert_eq!(gathered.users(), case.users.len());
-    let gathered = gathered.rows();
+        .map_err(|error| TestCaseError::fail(format!("gather_facts_for: {error}")))?;
+    prop_assert_eq!(batches.len(), 2);
+    prop_assert_eq!(batches[0].users(), half);
+    prop_assert_eq!(batches[1].users(), case.users.len() - half);
+    let gathered: Vec<Vec<FactValue>> = batches[0]
+        .rows()
+        .into_iter()
+        .chain(batches[1].rows().into_iter().map(|mut row| {
+            row.reverse();
+            row
+        }))
+        .collect();
 
     let now_ms = case.now.timestamp_millis();
     let no_properties = Map::new();

@@ -14,7 +14,7 @@ use membrane_abi::{CmpOp, EventFilter, Fact, Literal, PropertyTest};
 use membrane_criteria::clock::timed_facts_from_raw;
 use membrane_criteria::eval::RawEvent;
 use membrane_store::testing::fresh_database;
-use membrane_store::Store;
+use membrane_store::{FactRequest, Store};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{Map, Value};
@@ -170,10 +170,35 @@ async fn check(store: &Store, case: &Case) -> Result<(), TestCaseError> {
         .begin_round()
         .await
         .map_err(|error| TestCaseError::fail(format!("begin: {error}")))?;
-    let gathered = round
-        .gather_window_events(&ids, &case.facts, case.now)
+    // Two batches in one call, as a round gathers for several buckets: the first half of the
+    // users with the case's facts, the rest with the same facts in reverse order.
+    let half = ids.len() / 2;
+    let reversed: Vec<Fact> = case.facts.iter().rev().cloned().collect();
+    let requests = [
+        FactRequest {
+            users: &ids[..half],
+            facts: &case.facts,
+        },
+        FactRequest {
+            users: &ids[half..],
+            facts: &reversed,
+        },
+    ];
+    let mut batches = round
+        .gather_window_events_for(&requests, case.now)
         .await
-        .map_err(|error| TestCaseError::fail(format!("gather_window_events: {error}")))?;
+        .map_err(|error| TestCaseError::fail(format!("gather_window_events_for: {error}")))?;
+    prop_assert_eq!(batches.len(), 2);
+    let second = batches.pop().unwrap_or_default();
+    let first = batches.pop().unwrap_or_default();
+    prop_assert_eq!(first.len(), half);
+    let gathered: Vec<Vec<Vec<i64>>> = first
+        .into_iter()
+        .chain(second.into_iter().map(|mut row| {
+            row.reverse();
+            row
+        }))
+        .collect();
     prop_assert_eq!(gathered.len(), case.users.len());
     let now_ms = case.now.timestamp_millis();
     for ((events, id), row) in case.users.iter().zip(&ids).zip(gathered) {

@@ -1,5 +1,6 @@
-//! Set-based fact gathering: the facts a predicate declares, for a whole batch of users, in two
-//! statements whatever the batch size. `membrane_criteria::eval::gather_from_raw` is the oracle.
+//! Set-based fact gathering: the facts predicates declare, for whole batches of users (one per
+//! bucket of a round), in two statements whatever the batch sizes and however many buckets.
+//! `membrane_criteria::eval::gather_from_raw` is the oracle.
 
 mod filter_sql;
 mod timed;
@@ -27,6 +28,14 @@ struct CountFact<'a> {
     filter: Option<&'a EventFilter>,
 }
 
+/// One batch of a round's fact gathering: users to evaluate against one predicate, and the facts
+/// that predicate declares.
+#[derive(Debug, Clone, Copy)]
+pub struct FactRequest<'a> {
+    pub users: &'a [String],
+    pub facts: &'a [Fact],
+}
+
 impl Round {
     /// Returns one row per user (in `users` order), one value per fact (in `facts` order),
     /// written straight into the slot layout the predicate ABI hands to guests.
@@ -36,86 +45,161 @@ impl Round {
         facts: &[Fact],
         now: DateTime<Utc>,
     ) -> Result<FactBatch> {
+        let mut batches = self
+            .gather_facts_for(&[FactRequest { users, facts }], now)
+            .await?;
+        Ok(batches.pop().expect("one fact batch per request"))
+    }
+
+    /// [`Round::gather_facts`] for several batches at once (a round's candidate buckets), one
+    /// fact batch per request in order: one statement counts the events of every batch and one
+    /// reads every batch's properties, so a round costs two round trips however many buckets
+    /// it evaluates.
+    pub async fn gather_facts_for(
+        &mut self,
+        requests: &[FactRequest<'_>],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<FactBatch>> {
         // The oracle works in whole milliseconds; truncating `now` the same way makes window
         // edges agree for events at any precision.
         let now_ms = now.timestamp_millis();
         // Users without events or a contact row keep these values.
-        let blank: Vec<Slot> = facts.iter().map(Fact::blank_slot).collect();
-        let mut batch = FactBatch::new(users.len(), &blank);
-        if users.is_empty() {
-            return Ok(batch);
-        }
-        let position: HashMap<&str, usize> = users
+        let mut batches: Vec<FactBatch> = requests
             .iter()
-            .enumerate()
-            .map(|(i, u)| (u.as_str(), i))
-            .collect();
-
-        let count_facts: Vec<CountFact> = facts
-            .iter()
-            .enumerate()
-            .filter_map(|(index, fact)| match fact {
-                Fact::EventCount {
-                    event,
-                    within_secs,
-                    filter,
-                } => Some(CountFact {
-                    index,
-                    event,
-                    since: within_secs.and_then(|secs| window_start(now_ms, secs)),
-                    filter: filter.as_ref(),
-                }),
-                Fact::Property { .. } | Fact::PropertyTime { .. } => None,
+            .map(|request| {
+                let blank: Vec<Slot> = request.facts.iter().map(Fact::blank_slot).collect();
+                FactBatch::new(request.users.len(), &blank)
             })
             .collect();
-        if !count_facts.is_empty() {
-            let statement = count_statement(users, &count_facts);
-            let counts: Vec<(String, Vec<i64>)> =
-                statement.query_as().fetch_all(&mut *self.tx).await?;
-            for (user, per_fact) in counts {
-                if let Some(&row) = position.get(user.as_str()) {
-                    for (fact, count) in count_facts.iter().zip(per_fact) {
-                        batch.set(row, fact.index, SlotValue::Count(count));
+        let positions: Vec<HashMap<&str, usize>> = requests
+            .iter()
+            .map(|request| {
+                request
+                    .users
+                    .iter()
+                    .enumerate()
+                    .map(|(i, u)| (u.as_str(), i))
+                    .collect()
+            })
+            .collect();
+
+        let count_facts: Vec<Vec<CountFact>> = requests
+            .iter()
+            .map(|request| count_facts(request.facts, now_ms))
+            .collect();
+        let mut counting = Statement::default();
+        let arms: Vec<String> = requests
+            .iter()
+            .zip(&count_facts)
+            .enumerate()
+            .filter(|(_, (request, facts))| !request.users.is_empty() && !facts.is_empty())
+            .map(|(batch, (request, facts))| count_arm(&mut counting, batch, request.users, facts))
+            .collect();
+        if !arms.is_empty() {
+            counting.push(&arms.join(" UNION ALL "));
+            let counts: Vec<(i32, String, Vec<i64>)> =
+                counting.query_as().fetch_all(&mut *self.tx).await?;
+            for (batch, user, per_fact) in counts {
+                let Some(batch) = usize::try_from(batch).ok().filter(|b| *b < requests.len())
+                else {
+                    continue;
+                };
+                if let Some(&row) = positions[batch].get(user.as_str()) {
+                    for (fact, count) in count_facts[batch].iter().zip(per_fact) {
+                        batches[batch].set(row, fact.index, SlotValue::Count(count));
                     }
                 }
             }
         }
 
-        let property_facts: Vec<(usize, &str)> = facts
+        // Per batch, the positions of its property facts; the statement numbers a batch's
+        // requested keys from 1 in this order.
+        let property_facts: Vec<Vec<(usize, &str)>> = requests
             .iter()
-            .enumerate()
-            .filter_map(|(index, fact)| match fact {
-                Fact::Property { key } | Fact::PropertyTime { key } => Some((index, key.as_str())),
-                Fact::EventCount { .. } => None,
+            .map(|request| {
+                request
+                    .facts
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(index, fact)| match fact {
+                        Fact::Property { key } | Fact::PropertyTime { key } => {
+                            Some((index, key.as_str()))
+                        }
+                        Fact::EventCount { .. } => None,
+                    })
+                    .collect()
             })
             .collect();
-        if !property_facts.is_empty() {
-            let keys: Vec<&str> = property_facts.iter().map(|&(_, key)| key).collect();
+        let (mut user_batches, mut user_ids) = (Vec::new(), Vec::new());
+        let (mut key_batches, mut keys, mut ordinals) = (Vec::new(), Vec::new(), Vec::new());
+        for (batch, (request, properties)) in requests.iter().zip(&property_facts).enumerate() {
+            if properties.is_empty() {
+                continue;
+            }
+            let batch = i32::try_from(batch).unwrap_or(i32::MAX);
+            for user in request.users {
+                user_batches.push(batch);
+                user_ids.push(user.as_str());
+            }
+            for (ordinal, (_, key)) in (1_i64..).zip(properties) {
+                key_batches.push(batch);
+                keys.push(*key);
+                ordinals.push(ordinal);
+            }
+        }
+        if !user_ids.is_empty() {
             let values: Vec<PropertyRow> = sqlx::query_as(PROPERTIES_SQL)
-                .bind(users)
+                .bind(&user_batches)
+                .bind(&user_ids)
+                .bind(&key_batches)
                 .bind(&keys)
+                .bind(&ordinals)
                 .fetch_all(&mut *self.tx)
                 .await?;
-            for (user, ordinal, value, number, element_numbers) in values {
-                let Some(&row) = position.get(user.as_str()) else {
+            for (batch, user, ordinal, value, number, element_numbers) in values {
+                let Some(batch) = usize::try_from(batch).ok().filter(|b| *b < requests.len())
+                else {
+                    continue;
+                };
+                let Some(&row) = positions[batch].get(user.as_str()) else {
                     continue;
                 };
                 let Some(&(index, _)) = usize::try_from(ordinal - 1)
                     .ok()
-                    .and_then(|i| property_facts.get(i))
+                    .and_then(|i| property_facts[batch].get(i))
                 else {
                     continue;
                 };
-                match facts[index] {
-                    Fact::PropertyTime { .. } => batch.set(row, index, property_time(&value)),
-                    _ => {
-                        set_exact_property(&mut batch, row, index, &value, number, element_numbers)
-                    }
+                let target = &mut batches[batch];
+                match requests[batch].facts[index] {
+                    Fact::PropertyTime { .. } => target.set(row, index, property_time(&value)),
+                    _ => set_exact_property(target, row, index, &value, number, element_numbers),
                 }
             }
         }
-        Ok(batch)
+        Ok(batches)
     }
+}
+
+/// The event-count facts among `facts`, with their windows' starts at `now_ms`.
+fn count_facts(facts: &[Fact], now_ms: i64) -> Vec<CountFact<'_>> {
+    facts
+        .iter()
+        .enumerate()
+        .filter_map(|(index, fact)| match fact {
+            Fact::EventCount {
+                event,
+                within_secs,
+                filter,
+            } => Some(CountFact {
+                index,
+                event,
+                since: within_secs.and_then(|secs| window_start(now_ms, secs)),
+                filter: filter.as_ref(),
+            }),
+            Fact::Property { .. } | Fact::PropertyTime { .. } => None,
+        })
+        .collect()
 }
 
 /// `now_ms - within_secs`, or `None` when the window reaches back past every storable instant
@@ -129,27 +213,36 @@ fn window_start(now_ms: i64, within_secs: u64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_millis(since_ms)
 }
 
-/// One present contact property: user, 1-based position in the requested keys, its JSON value,
-/// and its numbers as read by Postgres (the value itself when a number; each element of an
-/// array, `None` for non-numbers).
-type PropertyRow = (String, i64, Value, Option<f64>, Option<Vec<Option<f64>>>);
+/// One present contact property: batch, user, 1-based position in the batch's requested keys,
+/// its JSON value, and its numbers as read by Postgres (the value itself when a number; each
+/// element of an array, `None` for non-numbers).
+type PropertyRow = (
+    i32,
+    String,
+    i64,
+    Value,
+    Option<f64>,
+    Option<Vec<Option<f64>>>,
+);
 
-/// The requested keys ($2) of the batch's contacts ($1), one primary-key probe per user
-/// whatever the table's statistics say. Numbers come back a second time as
-/// float8, the exact nearest double: serde_json's default parser can be an ulp off on the long
-/// plain decimals Postgres prints (`-5.32579466948816e229` comes back as 230 digits), and the
-/// event filters compare with the same float8 reading.
+/// The requested keys of each batch (batch $3, key $4, ordinal $5) of the batch's contacts
+/// (batch $1, user $2), one primary-key probe per user whatever the table's statistics say.
+/// Numbers come back a second time as float8, the exact nearest double: serde_json's default
+/// parser can be an ulp off on the long plain decimals Postgres prints
+/// (`-5.32579466948816e229` comes back as 230 digits), and the event filters compare with the
+/// same float8 reading.
 const PROPERTIES_SQL: &str = "\
-    SELECT c.user_id, k.ordinal, v.value, \
+    SELECT u.batch, c.user_id, k.ordinal, v.value, \
            CASE WHEN jsonb_typeof(v.value) = 'number' THEN v.value::float8 END, \
            CASE WHEN jsonb_typeof(v.value) = 'array' THEN ARRAY( \
                SELECT CASE WHEN jsonb_typeof(element) = 'number' THEN element::float8 END \
                FROM jsonb_array_elements(v.value) WITH ORDINALITY AS a(element, position) \
                ORDER BY position) END \
-    FROM unnest($1::text[]) AS u(user_id) \
+    FROM unnest($1::int4[], $2::text[]) AS u(batch, user_id) \
     CROSS JOIN LATERAL (SELECT user_id, properties FROM contacts WHERE user_id = u.user_id \
                         LIMIT 1) AS c \
-    CROSS JOIN unnest($2::text[]) WITH ORDINALITY AS k(key, ordinal) \
+    JOIN unnest($3::int4[], $4::text[], $5::int8[]) AS k(batch, key, ordinal) \
+        ON k.batch = u.batch \
     CROSS JOIN LATERAL (SELECT c.properties -> k.key) AS v(value) \
     WHERE c.properties ? k.key";
 
@@ -193,17 +286,22 @@ fn property_time(value: &Value) -> SlotValue<'static> {
         .map_or(SlotValue::Missing, SlotValue::Timestamp)
 }
 
-/// One grouped scan over the batch's events of the named kinds, counting every fact at once:
+/// One grouped scan over a batch's events of the named kinds, counting every fact at once, as
+/// one arm of the round's counting statement:
 ///
 /// ```sql
-/// SELECT e.user_id, ARRAY[count(*) FILTER (WHERE e.name = $3 AND e.occurred_at >= $4 AND …), …]
+/// SELECT <batch>, e.user_id, ARRAY[count(*) FILTER (WHERE e.name = $3 AND e.occurred_at >= $4 AND …), …]
 /// FROM events e WHERE e.user_id = ANY($1) AND e.name = ANY($2) [AND e.occurred_at >= $n]
 /// GROUP BY e.user_id
 /// ```
 ///
 /// Users without matching events get no row (their counts stay 0).
-fn count_statement(users: &[String], count_facts: &[CountFact<'_>]) -> Statement {
-    let mut statement = Statement::default();
+fn count_arm(
+    statement: &mut Statement,
+    batch: usize,
+    users: &[String],
+    count_facts: &[CountFact<'_>],
+) -> String {
     let users = statement.bind_text_array(users.to_vec());
     let mut names: Vec<String> = count_facts.iter().map(|f| f.event.to_owned()).collect();
     names.sort_unstable();
@@ -235,12 +333,11 @@ fn count_statement(users: &[String], count_facts: &[CountFact<'_>]) -> Statement
         .flatten()
         .map(|since| format!(" AND e.occurred_at >= {}", statement.bind_timestamp(since)));
 
-    statement.push(&format!(
-        "SELECT e.user_id, ARRAY[{}]::int8[] FROM events e \
+    format!(
+        "SELECT {batch}::int4, e.user_id, ARRAY[{}]::int8[] FROM events e \
          WHERE e.user_id = ANY({users}) AND e.name = ANY({names}){} \
          GROUP BY e.user_id",
         counts.join(", "),
         oldest_window.unwrap_or_default()
-    ));
-    statement
+    )
 }

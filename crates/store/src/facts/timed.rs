@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use membrane_abi::Fact;
 
 use super::filter_sql::Statement;
-use super::window_start;
+use super::{window_start, FactRequest};
 use crate::round::Round;
 use crate::Result;
 
@@ -23,74 +23,116 @@ impl Round {
         facts: &[Fact],
         now: DateTime<Utc>,
     ) -> Result<Vec<Vec<Vec<i64>>>> {
-        let mut rows = vec![vec![Vec::new(); facts.len()]; users.len()];
-        let Some(statement) = window_events_statement(users, facts, now.timestamp_millis()) else {
-            return Ok(rows);
-        };
-        let position: HashMap<&str, usize> = users
+        let mut batches = self
+            .gather_window_events_for(&[FactRequest { users, facts }], now)
+            .await?;
+        Ok(batches.pop().expect("one list per request"))
+    }
+
+    /// [`Round::gather_window_events`] for several batches at once, in one statement.
+    pub async fn gather_window_events_for(
+        &mut self,
+        requests: &[FactRequest<'_>],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Vec<Vec<Vec<i64>>>>> {
+        let mut batches: Vec<Vec<Vec<Vec<i64>>>> = requests
+            .iter()
+            .map(|request| vec![vec![Vec::new(); request.facts.len()]; request.users.len()])
+            .collect();
+        let mut statement = Statement::default();
+        let arms: Vec<String> = requests
             .iter()
             .enumerate()
-            .map(|(i, user)| (user.as_str(), i))
+            .filter(|(_, request)| !request.users.is_empty())
+            .flat_map(|(batch, request)| {
+                window_event_arms(&mut statement, batch, request, now.timestamp_millis())
+            })
             .collect();
-        let found: Vec<(String, i32, Vec<i64>)> =
+        if arms.is_empty() {
+            return Ok(batches);
+        }
+        statement.push(&arms.join(" UNION ALL "));
+        let positions: Vec<HashMap<&str, usize>> = requests
+            .iter()
+            .map(|request| {
+                request
+                    .users
+                    .iter()
+                    .enumerate()
+                    .map(|(i, user)| (user.as_str(), i))
+                    .collect()
+            })
+            .collect();
+        let found: Vec<(i32, String, i32, Vec<i64>)> =
             statement.query_as().fetch_all(&mut *self.tx).await?;
-        for (user, fact, instants) in found {
-            let (Some(&row), Ok(fact)) = (position.get(user.as_str()), usize::try_from(fact))
-            else {
+        for (batch, user, fact, instants) in found {
+            let (Ok(batch), Ok(fact)) = (usize::try_from(batch), usize::try_from(fact)) else {
                 continue;
             };
-            if let Some(slot) = rows[row].get_mut(fact) {
+            let Some(&row) = positions.get(batch).and_then(|p| p.get(user.as_str())) else {
+                continue;
+            };
+            if let Some(slot) = batches[batch][row].get_mut(fact) {
                 *slot = instants;
             }
         }
-        Ok(rows)
+        Ok(batches)
     }
 }
 
 /// ```sql
-/// SELECT e.user_id, <fact index>, array_agg(<occurred_at in ms, rounded down>)
+/// SELECT <batch>, e.user_id, <fact index>, array_agg(<occurred_at in ms, rounded down>)
 /// FROM events e WHERE e.user_id = ANY($1) AND e.name = $2 AND e.occurred_at >= $3 AND <filter>
 /// GROUP BY e.user_id
-/// UNION ALL …   -- one arm per windowed fact
 /// ```
-/// `None` when no fact is windowed.
-fn window_events_statement(users: &[String], facts: &[Fact], now_ms: i64) -> Option<Statement> {
-    let mut statement = Statement::default();
-    let users = statement.bind_text_array(users.to_vec());
-    let mut arms = Vec::new();
-    for (index, fact) in facts.iter().enumerate() {
-        let Fact::EventCount {
-            event,
-            within_secs: Some(within_secs),
-            filter,
-        } = fact
-        else {
-            continue;
-        };
-        let mut conditions = vec![
-            format!("e.user_id = ANY({users})"),
-            format!("e.name = {}", statement.bind_text(event)),
-        ];
-        // A window reaching back past every storable instant counts all of history.
-        if let Some(since) = window_start(now_ms, *within_secs) {
-            conditions.push(format!(
-                "e.occurred_at >= {}",
-                statement.bind_timestamp(since)
-            ));
-        }
-        if let Some(filter) = filter {
-            conditions.push(statement.event_filter(filter, "e.properties"));
-        }
-        arms.push(format!(
-            "SELECT e.user_id, {index}::int4, \
-                    array_agg(floor(extract(epoch FROM e.occurred_at) * 1000)::int8) \
-             FROM events e WHERE {} GROUP BY e.user_id",
-            conditions.join(" AND ")
-        ));
+/// One arm per windowed fact of the batch (none when no fact is windowed), to be joined with
+/// `UNION ALL`.
+fn window_event_arms(
+    statement: &mut Statement,
+    batch: usize,
+    request: &FactRequest<'_>,
+    now_ms: i64,
+) -> Vec<String> {
+    let windowed: Vec<_> = request
+        .facts
+        .iter()
+        .enumerate()
+        .filter_map(|(index, fact)| match fact {
+            Fact::EventCount {
+                event,
+                within_secs: Some(within_secs),
+                filter,
+            } => Some((index, event, *within_secs, filter)),
+            _ => None,
+        })
+        .collect();
+    if windowed.is_empty() {
+        return Vec::new();
     }
-    if arms.is_empty() {
-        return None;
-    }
-    statement.push(&arms.join(" UNION ALL "));
-    Some(statement)
+    let users = statement.bind_text_array(request.users.to_vec());
+    windowed
+        .into_iter()
+        .map(|(index, event, within_secs, filter)| {
+            let mut conditions = vec![
+                format!("e.user_id = ANY({users})"),
+                format!("e.name = {}", statement.bind_text(event)),
+            ];
+            // A window reaching back past every storable instant counts all of history.
+            if let Some(since) = window_start(now_ms, within_secs) {
+                conditions.push(format!(
+                    "e.occurred_at >= {}",
+                    statement.bind_timestamp(since)
+                ));
+            }
+            if let Some(filter) = filter {
+                conditions.push(statement.event_filter(filter, "e.properties"));
+            }
+            format!(
+                "SELECT {batch}::int4, e.user_id, {index}::int4, \
+                        array_agg(floor(extract(epoch FROM e.occurred_at) * 1000)::int8) \
+                 FROM events e WHERE {} GROUP BY e.user_id",
+                conditions.join(" AND ")
+            )
+        })
+        .collect()
 }
