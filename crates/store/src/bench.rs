@@ -29,6 +29,15 @@ impl Store {
         .await?)
     }
 
+    /// Writes every dirty page to disk and syncs it (`CHECKPOINT`: superuser or
+    /// `pg_checkpoint`), so that a phase following a write burst is not charged for the
+    /// burst's write-back; returns how long that took.
+    pub async fn checkpoint(&self) -> Result<Duration> {
+        let started = Instant::now();
+        sqlx::query("CHECKPOINT").execute(self.pool()).await?;
+        Ok(started.elapsed())
+    }
+
     /// Whether the evaluation queue is empty: one index probe, cheap enough to poll while a
     /// benchmark runs (counting the queue, as the console does, would compete with it).
     pub async fn queue_is_empty(&self) -> Result<bool> {

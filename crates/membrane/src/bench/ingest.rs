@@ -7,7 +7,10 @@
 //!    every event has committed.
 //! 2. **Latency**: `--rate` events per second for `--seconds`, each from a new user whose event
 //!    makes them enter a bucket; the latency of an event is from just before its request is
-//!    sent to its `entered` transition's insert in the committing round.
+//!    sent to its `entered` transition's insert in the committing round. It starts from a
+//!    checkpoint: otherwise the kernel writes back phase 1's hundreds of megabytes during it
+//!    (30 s after they were written), and commits wait behind that (fsyncs of 60-100 ms were
+//!    measured then, against 0.2 ms otherwise), which is phase 1's cost, not this rate's.
 //! 3. **Floor**: the rows of phase 1 loaded with one raw `COPY` into a table shaped like
 //!    `events`.
 
@@ -104,6 +107,16 @@ async fn measure(store: &Store, buckets_dir: &Path, options: &IngestOptions) -> 
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let (sustained, rows) = sustained_rate(store, &sender, options).await?;
+    match store.checkpoint().await {
+        Ok(took) => println!(
+            "checkpoint after the sustained rate: {:.2} s",
+            took.as_secs_f64()
+        ),
+        Err(error) => println!(
+            "note: no checkpoint before the latency phase ({error}); it may pay for writing \
+             back the sustained rate's data"
+        ),
+    }
     let latency = latency_at_rate(store, &sender, options).await?;
     let copy = store.copy_events_floor(&rows).await?;
     let copy_rate = rows.len() as f64 / copy.as_secs_f64();
