@@ -1,7 +1,7 @@
 //! Ingest: events and profile updates, their idempotency keys, the contacts they touch and the
 //! evaluation-queue entries they cause, all in one transaction.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -86,11 +86,14 @@ impl Store {
         tx: &mut sqlx::PgConnection,
         messages: &[Message],
     ) -> Result<IngestOutcome> {
-        let mut seen_in_batch = HashSet::new();
+        // Sorted (bytewise, as the ids' `COLLATE "C"` key orders them): concurrent ingests
+        // sharing ids then insert them in one order and wait for each other instead of
+        // deadlocking, which failed grouped requests that repeated each other's messages.
         let candidate_ids: Vec<String> = messages
             .iter()
             .filter_map(|m| m.message_id())
-            .filter(|id| seen_in_batch.insert(*id))
+            .collect::<BTreeSet<&str>>()
+            .into_iter()
             .map(str::to_owned)
             .collect();
         let fresh_ids: HashSet<String> = sqlx::query_scalar(

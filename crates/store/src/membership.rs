@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::round::Round;
+use crate::round::{request_index, Round};
 use crate::Result;
 
 /// Channel notified (on commit) when transitions were written; the payload is the bucket id.
@@ -88,11 +88,6 @@ pub struct Departure<'a> {
     pub members: &'a [(String, i32)],
     pub source: Source,
     pub reason: &'a str,
-}
-
-/// Request `i` of a batch statement's parameter arrays.
-fn request_index(i: usize) -> i32 {
-    i32::try_from(i).unwrap_or(i32::MAX)
 }
 
 impl Round {

@@ -30,6 +30,12 @@ pub struct QueuedUser {
     pub prop_keys: Vec<String>,
 }
 
+/// Request `i` of a statement that serves several requests (buckets) at once, as its rows
+/// carry it (`int4`).
+pub(crate) fn request_index(i: usize) -> i32 {
+    i32::try_from(i).unwrap_or(i32::MAX)
+}
+
 impl Store {
     pub async fn begin_round(&self) -> Result<Round> {
         Ok(Round {

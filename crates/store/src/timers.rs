@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 
-use crate::round::Round;
+use crate::round::{request_index, Round};
 use crate::{Result, Store};
 
 /// Channel notified (on commit) when a round arms a timer due soon; the payload is its instant
@@ -94,7 +94,7 @@ impl Round {
                 continue;
             }
             for (user, at) in arming.users.iter().zip(arming.due) {
-                indexes.push(i32::try_from(i).unwrap_or(i32::MAX));
+                indexes.push(request_index(i));
                 buckets.push(arming.bucket_id);
                 users.push(user.as_str());
                 due.push(*at);

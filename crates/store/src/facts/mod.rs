@@ -136,7 +136,7 @@ impl Round {
             if properties.is_empty() {
                 continue;
             }
-            let batch = i32::try_from(batch).unwrap_or(i32::MAX);
+            let batch = crate::round::request_index(batch);
             for user in request.users {
                 user_batches.push(batch);
                 user_ids.push(user.as_str());
