@@ -71,17 +71,7 @@ impl Round {
                 FactBatch::new(request.users.len(), &blank)
             })
             .collect();
-        let positions: Vec<HashMap<&str, usize>> = requests
-            .iter()
-            .map(|request| {
-                request
-                    .users
-                    .iter()
-                    .enumerate()
-                    .map(|(i, u)| (u.as_str(), i))
-                    .collect()
-            })
-            .collect();
+        let positions = user_rows(requests);
 
         let count_facts: Vec<Vec<CountFact>> = requests
             .iter()
@@ -179,6 +169,21 @@ impl Round {
         }
         Ok(batches)
     }
+}
+
+/// Per request, each user's row in its batch.
+fn user_rows<'a>(requests: &[FactRequest<'a>]) -> Vec<HashMap<&'a str, usize>> {
+    requests
+        .iter()
+        .map(|request| {
+            request
+                .users
+                .iter()
+                .enumerate()
+                .map(|(row, user)| (user.as_str(), row))
+                .collect()
+        })
+        .collect()
 }
 
 /// The event-count facts among `facts`, with their windows' starts at `now_ms`.

@@ -2,13 +2,11 @@
 //! the events it counts now, since each one leaving its window can flip the criteria.
 //! `membrane_criteria::clock::timed_facts_from_raw` is the oracle (its `window_events`).
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use membrane_abi::Fact;
 
 use super::filter_sql::Statement;
-use super::{window_start, FactRequest};
+use super::{user_rows, window_start, FactRequest};
 use crate::round::Round;
 use crate::Result;
 
@@ -52,17 +50,7 @@ impl Round {
             return Ok(batches);
         }
         statement.push(&arms.join(" UNION ALL "));
-        let positions: Vec<HashMap<&str, usize>> = requests
-            .iter()
-            .map(|request| {
-                request
-                    .users
-                    .iter()
-                    .enumerate()
-                    .map(|(i, user)| (user.as_str(), i))
-                    .collect()
-            })
-            .collect();
+        let positions = user_rows(requests);
         let found: Vec<(i32, String, i32, Vec<i64>)> =
             statement.query_as().fetch_all(&mut *self.tx).await?;
         for (batch, user, fact, instants) in found {
