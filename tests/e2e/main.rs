@@ -8,6 +8,7 @@ mod import;
 mod live;
 mod plugins;
 mod reads;
+mod scale;
 mod segment_client;
 mod support;
 mod webhook_tls;

@@ -11,14 +11,15 @@ use serde_json::{Map, Value};
 /// Evaluates `plan` for one user whose facts (in `plan.facts` order) are `facts`.
 /// `now_ms` is the evaluation instant in Unix milliseconds.
 pub fn evaluate(plan: &Plan, facts: &[FactValue], now_ms: i64) -> bool {
-    eval_node(&plan.root, facts, now_ms)
+    evaluate_node(&plan.root, facts, now_ms)
 }
 
-fn eval_node(node: &Node, facts: &[FactValue], now_ms: i64) -> bool {
+/// Evaluates one node of a plan (see [`evaluate`]).
+pub fn evaluate_node(node: &Node, facts: &[FactValue], now_ms: i64) -> bool {
     match node {
-        Node::And(items) => items.iter().all(|n| eval_node(n, facts, now_ms)),
-        Node::Or(items) => items.iter().any(|n| eval_node(n, facts, now_ms)),
-        Node::Not(inner) => !eval_node(inner, facts, now_ms),
+        Node::And(items) => items.iter().all(|n| evaluate_node(n, facts, now_ms)),
+        Node::Or(items) => items.iter().any(|n| evaluate_node(n, facts, now_ms)),
+        Node::Not(inner) => !evaluate_node(inner, facts, now_ms),
         Node::Count { fact, op, value } => {
             let count = match facts[*fact] {
                 FactValue::Count(c) => c,

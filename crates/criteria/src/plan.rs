@@ -2,8 +2,18 @@
 //! share. Each leaf reads one fact by its index in [`Plan::facts`], the order of the ABI
 //! manifest.
 
+use std::collections::BTreeSet;
+
 use crate::ast::{CmpOp, EventTest, Expr, Leaf, PropTest, Span};
-use membrane_abi::{EventFilter, Fact, FactManifest, PropertyTest};
+use crate::eval;
+use membrane_abi::{EventFilter, Fact, FactManifest, FactValue, PropertyTest};
+
+/// Facts (indices into [`Plan::facts`]) of which a user must have at least one.
+pub type Clause = BTreeSet<usize>;
+
+/// How many clauses [`Plan::required_facts`] keeps: an `or` multiplies them, and dropping some
+/// only makes the requirement weaker, never wrong.
+const MAX_CLAUSES: usize = 16;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -59,6 +69,59 @@ impl Plan {
     pub fn manifest(&self) -> FactManifest {
         FactManifest::new(self.facts.clone())
     }
+
+    /// What a user needs to satisfy this plan: in every clause, at least one fact that is not
+    /// blank for them (an event of its name, or its property key). Sweeps look for candidates
+    /// this way, so a user holding only facts the criteria cannot be true without is skipped.
+    /// Empty when the structure proves nothing; validation still guarantees that a user with
+    /// none of [`Plan::facts`] fails.
+    pub fn required_facts(&self) -> Vec<Clause> {
+        let blank = eval::blank_facts(&self.facts);
+        required(&self.root, true, &blank)
+    }
+}
+
+/// Clauses a user meets whenever `node` evaluates to `truth`.
+fn required(node: &Node, truth: bool, blank: &[FactValue]) -> Vec<Clause> {
+    match node {
+        Node::Not(inner) => required(inner, !truth, blank),
+        // Every item has the value: every item's clauses hold.
+        Node::And(items) if truth => all_of(items, truth, blank),
+        Node::Or(items) if !truth => all_of(items, truth, blank),
+        // Some item has the value: one clause of each item, joined, holds.
+        Node::And(items) | Node::Or(items) => {
+            let mut joined = vec![Clause::new()];
+            for item in items {
+                let clauses = required(item, truth, blank);
+                if clauses.is_empty() {
+                    return Vec::new();
+                }
+                let product: BTreeSet<Clause> = joined
+                    .iter()
+                    .flat_map(|done| clauses.iter().map(move |c| done | c))
+                    .collect();
+                joined = product.into_iter().take(MAX_CLAUSES).collect();
+            }
+            joined
+        }
+        Node::Count { fact, .. } | Node::Prop { fact, .. } | Node::PropNow { fact, .. } => {
+            // A leaf reads one fact: if it has another value when that fact is blank, the
+            // fact cannot be blank.
+            if eval::evaluate_node(node, blank, 0) == truth {
+                Vec::new()
+            } else {
+                vec![Clause::from([*fact])]
+            }
+        }
+    }
+}
+
+fn all_of(items: &[Node], truth: bool, blank: &[FactValue]) -> Vec<Clause> {
+    let clauses: BTreeSet<Clause> = items
+        .iter()
+        .flat_map(|item| required(item, truth, blank))
+        .collect();
+    clauses.into_iter().take(MAX_CLAUSES).collect()
 }
 
 #[derive(Default)]
@@ -170,4 +233,62 @@ fn filter_of(expr: &Expr) -> Result<EventFilter, PlanError> {
             })
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parser::parse_criteria;
+
+    /// Names the facts of each required clause, e.g. `["checkout"]` or `["plan", "visit"]`.
+    fn required_names(criteria: &str) -> Vec<Vec<String>> {
+        let expr = parse_criteria(criteria).expect("criteria parse");
+        let plan = Plan::new(&expr).expect("criteria lower");
+        plan.required_facts()
+            .into_iter()
+            .map(|clause| {
+                clause
+                    .into_iter()
+                    .map(|index| match &plan.facts[index] {
+                        Fact::EventCount { event, .. } => event.clone(),
+                        Fact::Property { key } | Fact::PropertyTime { key } => key.clone(),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_conjunction_needs_each_fact_that_cannot_be_blank() {
+        assert_eq!(
+            required_names(
+                r#"event("checkout").within(30d).count() >= 2 and (prop("plan") != "free" or event("support").within(7d).not_exists())"#
+            ),
+            [["checkout"]]
+        );
+        assert_eq!(
+            required_names(r#"prop("plan") == "pro" and event("visit").exists()"#),
+            [vec!["plan"], vec!["visit"]]
+        );
+    }
+
+    #[test]
+    fn a_disjunction_needs_a_fact_of_either_side() {
+        assert_eq!(
+            required_names(r#"event("a").exists() or (prop("b") == 1 and event("c").count() > 2)"#),
+            [vec!["a", "b"], vec!["a", "c"]]
+        );
+        assert_eq!(
+            required_names(r#"not (event("a").not_exists() or prop("b") != 1)"#),
+            [vec!["a"], vec!["b"]]
+        );
+    }
+
+    #[test]
+    fn a_side_true_for_blank_users_proves_nothing() {
+        assert_eq!(
+            required_names(r#"event("a").exists() or event("b").count() < 3"#),
+            Vec::<Vec<String>>::new()
+        );
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use membrane_abi::{Fact, FactValue, PropertyTest};
 use membrane_criteria::ast::{CmpOp, Literal};
 use membrane_criteria::compile::compile;
-use membrane_criteria::eval::evaluate;
+use membrane_criteria::eval::{blank_facts, evaluate};
 use membrane_criteria::plan::{Node, Plan};
 use membrane_wasm::{Engine, Limits};
 use proptest::prelude::*;
@@ -593,5 +593,36 @@ proptest! {
         (now_ms, rows) in rows_at_now(),
     ) {
         assert_matches_oracle(&plan(facts, root), &rows, now_ms)?;
+    }
+
+    /// The sweep's candidate rule: a user who satisfies the plan holds a fact of every clause
+    /// `required_facts` names. Rows blank about half their facts, so clauses are often empty.
+    #[test]
+    fn users_lacking_a_required_fact_never_satisfy_the_plan(
+        facts in facts(),
+        root in node(),
+        (now_ms, rows) in rows_at_now(),
+        masks in prop::collection::vec(prop::collection::vec(any::<bool>(), MAX_FACTS), 32),
+    ) {
+        let plan = plan(facts, root);
+        let blank = blank_facts(&plan.facts);
+        let clauses = plan.required_facts();
+        for (row, mask) in rows.iter().zip(&masks) {
+            let row: Vec<FactValue> = row
+                .iter()
+                .zip(mask)
+                .zip(&blank)
+                .map(|((value, &blanked), blank)| if blanked { blank.clone() } else { value.clone() })
+                .collect();
+            if !evaluate(&plan, &row, now_ms) {
+                continue;
+            }
+            for clause in &clauses {
+                prop_assert!(
+                    clause.iter().any(|&fact| row[fact] != blank[fact]),
+                    "{:?} satisfies {:?} with every fact of clause {:?} blank", row, plan.root, clause
+                );
+            }
+        }
     }
 }

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use membrane_abi::Fact;
+use membrane_criteria::bucket::BucketBody;
 use membrane_store::{
-    BucketSwitch, BucketWork, EntryRule, HotTable, Round, Source, SweepRun, QUEUE_CHANNEL,
+    BucketSwitch, BucketWork, CandidateClause, EntryRule, HotTable, Round, Source, Store,
+    StoreError, SweepRun, QUEUE_CHANNEL,
 };
 use tokio::sync::watch;
 
@@ -324,32 +326,44 @@ async fn sweep_bucket(shared: &Shared, bucket: &Arc<LoadedBucket>) -> Result<(),
     else {
         return Ok(()); // another engine is sweeping it
     };
-    if store
+    if !store
         .swept_within(bucket.id(), shared.config.sweep_interval / 2)
         .await?
     {
-        return Ok(lock.release().await?);
+        sweep_locked(shared, bucket).await?;
     }
-    // Only time-based criteria can admit someone with no event; dwell rules act on members.
-    let candidates = bucket.time_based.then(|| mentioned_facts(bucket));
+    Ok(lock.release().await?)
+}
+
+/// Sweeps `bucket` once, whatever the interval says; returns `None` when another engine holds
+/// its sweep lock.
+pub(crate) async fn sweep_now(
+    shared: &Shared,
+    bucket: &Arc<LoadedBucket>,
+) -> Result<Option<SweepRun>, EngineError> {
+    let Some(lock) = shared
+        .store
+        .try_lock_bucket(BucketWork::Sweep, bucket.id())
+        .await?
+    else {
+        return Ok(None);
+    };
+    let run = sweep_locked(shared, bucket).await?;
+    lock.release().await?;
+    Ok(Some(run))
+}
+
+/// One full sweep of `bucket`, its sweep lock held: page by page, each page evaluated and
+/// committed in its own round, then recorded.
+async fn sweep_locked(
+    shared: &Shared,
+    bucket: &Arc<LoadedBucket>,
+) -> Result<SweepRun, EngineError> {
+    let store = &shared.store;
     let started_at = Utc::now();
     let mut total = Outcome::default();
-    let mut after = String::new();
-    loop {
-        let page = match &candidates {
-            Some((events, keys)) => {
-                store
-                    .sweep_page(bucket.id(), events, keys, &after, shared.config.page_size)
-                    .await?
-            }
-            None => {
-                store
-                    .members_page(bucket.id(), &after, shared.config.page_size)
-                    .await?
-            }
-        };
-        let Some(last) = page.last() else { break };
-        after = last.clone();
+    let mut pages = SweepPages::new(bucket, shared.config.page_size);
+    while let Some(page) = pages.next(store).await? {
         let mut round = store.begin_round().await?;
         round.lock_users(&page).await?;
         if !round.still_serving(bucket.id(), &bucket.hash).await? {
@@ -367,34 +381,89 @@ async fn sweep_bucket(shared: &Shared, bucket: &Arc<LoadedBucket>) -> Result<(),
         total.left.memberships += outcome.left.memberships;
     }
     shared.stats.sweeps.inc();
-    store
-        .record_sweep(&SweepRun {
-            bucket_id: bucket.id().to_owned(),
-            engine_id: shared.config.engine_id.clone(),
-            started_at,
-            finished_at: Utc::now(),
-            checked: total.evaluated as i64,
-            joined: total.joined.memberships,
-            left_count: total.left.memberships,
-        })
-        .await?;
-    Ok(lock.release().await?)
+    let run = SweepRun {
+        bucket_id: bucket.id().to_owned(),
+        engine_id: shared.config.engine_id.clone(),
+        started_at,
+        finished_at: Utc::now(),
+        checked: total.evaluated as i64,
+        joined: total.joined.memberships,
+        left_count: total.left.memberships,
+    };
+    store.record_sweep(&run).await?;
+    Ok(run)
 }
 
-/// The event names and property keys a bucket reads: a user with none of them is blank to it.
-fn mentioned_facts(bucket: &LoadedBucket) -> (Vec<String>, Vec<String>) {
-    let mut events = Vec::new();
-    let mut keys = Vec::new();
-    for fact in &bucket.facts {
+/// The users a sweep of one bucket re-checks, page by page in user order: its members, and for
+/// time-based criteria its candidates too (only time-based criteria can admit someone with no
+/// event; dwell rules act on members).
+pub struct SweepPages<'a> {
+    bucket: &'a LoadedBucket,
+    /// What a candidate must hold, for time-based criteria.
+    candidates: Option<Vec<CandidateClause>>,
+    after: String,
+    page_size: i64,
+}
+
+impl<'a> SweepPages<'a> {
+    pub fn new(bucket: &'a LoadedBucket, page_size: i64) -> SweepPages<'a> {
+        SweepPages {
+            bucket,
+            candidates: bucket.time_based.then(|| candidate_clauses(bucket)),
+            after: String::new(),
+            page_size,
+        }
+    }
+
+    /// The next page; `None` after the last.
+    pub async fn next(&mut self, store: &Store) -> Result<Option<Vec<String>>, StoreError> {
+        let id = self.bucket.id();
+        let page = match &self.candidates {
+            Some(clauses) => {
+                store
+                    .sweep_page(id, clauses, &self.after, self.page_size)
+                    .await?
+            }
+            None => store.members_page(id, &self.after, self.page_size).await?,
+        };
+        Ok(page.last().cloned().map(|last| {
+            self.after = last;
+            page
+        }))
+    }
+}
+
+/// What a user must hold to satisfy the bucket: the criteria's required facts, or else (a
+/// plugin, or criteria whose structure proves nothing) any fact it reads, since criteria are
+/// false for a blank user.
+fn candidate_clauses(bucket: &LoadedBucket) -> Vec<CandidateClause> {
+    let required: Vec<Vec<&Fact>> = match &bucket.def.body {
+        BucketBody::Criteria { plan, .. } => plan
+            .required_facts()
+            .into_iter()
+            .map(|clause| clause.into_iter().map(|index| &plan.facts[index]).collect())
+            .collect(),
+        BucketBody::Plugin { .. } => Vec::new(),
+    };
+    if required.is_empty() {
+        return vec![clause_of(&bucket.facts.iter().collect::<Vec<_>>())];
+    }
+    required.iter().map(|facts| clause_of(facts)).collect()
+}
+
+/// The event names and property keys of `facts`.
+fn clause_of(facts: &[&Fact]) -> CandidateClause {
+    let mut clause = CandidateClause::default();
+    for fact in facts {
         let (list, name) = match fact {
-            Fact::EventCount { event, .. } => (&mut events, event),
-            Fact::Property { key } | Fact::PropertyTime { key } => (&mut keys, key),
+            Fact::EventCount { event, .. } => (&mut clause.events, event),
+            Fact::Property { key } | Fact::PropertyTime { key } => (&mut clause.keys, key),
         };
         if !list.contains(name) {
             list.push(name.clone());
         }
     }
-    (events, keys)
+    clause
 }
 
 /// Every change a sweep makes is one a timer should have made at its instant.

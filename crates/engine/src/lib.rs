@@ -23,6 +23,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+pub use background::SweepPages;
 pub use registry::{LoadFailure, LoadedBucket, Registry};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,8 @@ pub enum EngineError {
     Sandbox(#[from] membrane_wasm::EngineError),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("bucket `{0}` is not served by this engine (no such file, or it failed to load)")]
+    UnknownBucket(String),
     #[error("cannot watch {path}: {source}")]
     Watch {
         path: PathBuf,
@@ -275,6 +278,23 @@ impl EngineHandle {
 
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// Sweeps one bucket now, as the periodic sweep would but whenever it last ran, and returns
+    /// the run; `None` when another engine is sweeping it.
+    pub async fn sweep_now(
+        &self,
+        bucket_id: &str,
+    ) -> Result<Option<membrane_store::SweepRun>, EngineError> {
+        let bucket = self
+            .shared
+            .registry
+            .load()
+            .buckets
+            .get(bucket_id)
+            .cloned()
+            .ok_or_else(|| EngineError::UnknownBucket(bucket_id.to_owned()))?;
+        background::sweep_now(&self.shared, &bucket).await
     }
 
     /// Stops every task after its current round and waits for them.

@@ -1,4 +1,5 @@
-//! Statements only `membrane bench` runs: the raw-COPY floor it compares ingest against.
+//! Statements only `membrane bench` runs: the raw-COPY floor it compares ingest against, and
+//! the population generator and readings of the scale benchmark.
 
 use std::time::{Duration, Instant};
 
@@ -17,14 +18,20 @@ pub struct EventRow {
 }
 
 impl Store {
-    /// Per `entered` transition with id above `after`: its user and when the round inserted it
-    /// (`clock_timestamp()`, just before the round's commit).
-    pub async fn entries_after(&self, after: i64) -> Result<Vec<(String, DateTime<Utc>)>> {
+    /// Per transition of `kind` (`entered`, `left`, `dwell`) with id above `after`: its
+    /// bucket, its user and when the round inserted it (`clock_timestamp()`, just before the
+    /// round's commit).
+    pub async fn transitions_of_kind_after(
+        &self,
+        after: i64,
+        kind: &str,
+    ) -> Result<Vec<(String, String, DateTime<Utc>)>> {
         Ok(sqlx::query_as(
-            "SELECT user_id, created_at FROM transitions \
-             WHERE id > $1 AND kind = 'entered' ORDER BY id",
+            "SELECT bucket_id, user_id, created_at FROM transitions \
+             WHERE id > $1 AND kind = $2 ORDER BY id",
         )
         .bind(after)
+        .bind(kind)
         .fetch_all(self.pool())
         .await?)
     }
@@ -92,6 +99,105 @@ impl Store {
             .execute(&mut *connection)
             .await?;
         Ok(elapsed)
+    }
+}
+
+/// The generated population of the scale benchmark: `users` contacts and `events_per_user`
+/// events each, reproducible from `seed`.
+///
+/// Users are `u0000000`, `u0000001`, …; each has a `plan` (40% free, 30% team, 30% pro), a
+/// `country` and an RFC 3339 `signup_at` up to a year back. Their first event is a `visit` in
+/// the last 23 hours (so a one-day window of it ends in 1 to 24 hours); the rest fall in the
+/// last 30 days: `page_view` (with a `path`), `click`, `search` (with a one-letter `query`),
+/// `purchase` (with an `amount` up to 300) and `support`. One user in six is a buyer, a quarter
+/// of whose events are `checkout`s.
+#[derive(Debug, Clone, Copy)]
+pub struct Population {
+    pub users: i64,
+    pub events_per_user: i64,
+    pub seed: f64,
+}
+
+/// When one bucket's backfill started and finished, and over how many users.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BackfillTiming {
+    pub bucket_id: String,
+    pub users_done: i64,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl Store {
+    /// Writes `population` into `contacts` and `events` with two set-based statements (rows in
+    /// user order, so the event index grows at its end), then analyzes both tables.
+    pub async fn generate_population(&self, population: Population) -> Result<()> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("SELECT setseed($1)")
+            .bind(population.seed)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO contacts (user_id, properties) \
+             SELECT 'u' || lpad(u::text, 7, '0'), jsonb_build_object( \
+                 'plan', (ARRAY['free', 'free', 'free', 'free', 'team', 'team', 'team', \
+                                'pro', 'pro', 'pro'])[1 + (u * 37) % 10], \
+                 'country', (ARRAY['us', 'de', 'fr', 'gb', 'br'])[1 + (u * 13) % 5], \
+                 'signup_at', to_char((now() - random() * interval '365 days') AT TIME ZONE 'UTC', \
+                                      'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')) \
+             FROM generate_series(0, $1 - 1) u",
+        )
+        .bind(population.users)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO events (user_id, name, occurred_at, properties) \
+             SELECT 'u' || lpad(u::text, 7, '0'), name, \
+                    now() - age * CASE WHEN name = 'visit' THEN interval '23 hours' \
+                                       ELSE interval '30 days' END, \
+                    CASE name \
+                        WHEN 'page_view' THEN jsonb_build_object('path', '/p/' || floor(p * 50)) \
+                        WHEN 'search' THEN jsonb_build_object('query', chr(97 + floor(p * 26)::int)) \
+                        WHEN 'purchase' THEN jsonb_build_object('amount', floor(p * 300)) \
+                        ELSE '{}'::jsonb END \
+             FROM ( \
+                 SELECT u, age, p, \
+                        CASE WHEN k = 1 THEN 'visit' \
+                             WHEN (u * 7919) % 6 = 0 AND r < 0.25 THEN 'checkout' \
+                             WHEN r < 0.50 THEN 'page_view' \
+                             WHEN r < 0.68 THEN 'click' \
+                             WHEN r < 0.82 THEN 'search' \
+                             WHEN r < 0.93 THEN 'purchase' \
+                             ELSE 'support' END AS name \
+                 FROM (SELECT u, k, random() AS r, random() AS age, random() AS p \
+                       FROM generate_series(0, $1 - 1) u, generate_series(1, $2) k) draws \
+             ) drawn",
+        )
+        .bind(population.users)
+        .bind(population.events_per_user)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        sqlx::query("ANALYZE contacts, events")
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Every bucket's latest backfill, by bucket id.
+    pub async fn backfill_timings(&self) -> Result<Vec<BackfillTiming>> {
+        Ok(sqlx::query_as(
+            "SELECT DISTINCT ON (bucket_id) bucket_id, users_done, started_at, finished_at \
+             FROM backfill_progress ORDER BY bucket_id, started_at DESC",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// How many timers are armed, in every bucket.
+    pub async fn armed_timer_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM timers")
+            .fetch_one(self.pool())
+            .await?)
     }
 }
 

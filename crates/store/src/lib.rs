@@ -17,7 +17,8 @@ pub mod timers;
 pub mod webhooks;
 
 pub use buckets::{
-    BackfillProgress, BucketLock, BucketSwitch, BucketVersion, BucketWork, SweepRun,
+    BackfillProgress, BucketLock, BucketSwitch, BucketVersion, BucketWork, CandidateClause,
+    SweepRun,
 };
 pub use facts::FactRequest;
 pub use imports::{ImportCheckpoint, ImportFile, ImportProgress};

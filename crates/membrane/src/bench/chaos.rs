@@ -129,7 +129,8 @@ pub async fn run(options: ChaosOptions) -> Result<std::process::ExitCode> {
             .unwrap_or_default()
     });
     eprintln!("chaos: seed {seed}");
-    let (store, database_url, _throwaway) = open_database(options.database_url.as_deref()).await?;
+    let (store, database_url, _throwaway) =
+        super::open_database("chaos", options.database_url.as_deref()).await?;
     let work = tempfile::tempdir().context("cannot create a temporary directory")?;
     let report = drive(&options, seed, &store, &database_url, work.path()).await;
     match report {
@@ -157,33 +158,6 @@ pub async fn run(options: ChaosOptions) -> Result<std::process::ExitCode> {
 
 /// The database to run in, migrated and empty, and the throwaway database (kept alive for
 /// the run) when one was created.
-async fn open_database(
-    url: Option<&str>,
-) -> Result<(Store, String, Option<membrane_store::testing::TestDatabase>)> {
-    match url {
-        Some(url) => {
-            let store = Store::connect(url)
-                .await
-                .with_context(|| format!("cannot connect to {}", crate::redact(url)))?;
-            store.migrate().await.context("cannot apply migrations")?;
-            if !store.is_empty().await? {
-                bail!(
-                    "{} already holds contacts or buckets: the chaos bench needs an empty database",
-                    crate::redact(url)
-                );
-            }
-            Ok((store, url.to_owned(), None))
-        }
-        None => {
-            let db = membrane_store::testing::fresh_database()
-                .await
-                .context("cannot create a database for the run")?;
-            eprintln!("chaos: database {}", db.name);
-            Ok((db.store.clone(), db.url.clone(), Some(db)))
-        }
-    }
-}
-
 async fn drive(
     options: &ChaosOptions,
     seed: u64,

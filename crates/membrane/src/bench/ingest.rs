@@ -167,28 +167,31 @@ async fn measure(store: &Store, buckets_dir: &Path, options: &IngestOptions) -> 
 /// event is a candidate for two buckets, and a single `e<i>` event of a new user (with an
 /// `amount` of at least 100 and a `/pricing` path, as the generator sends) enters `b<i>`.
 fn write_buckets() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("membrane-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    for i in 0..BUCKETS {
-        let (this, next) = (format!("e{i}"), format!("e{}", (i + 1) % BUCKETS));
-        let criteria = match i % 5 {
-            0 => format!(r#"event("{this}").exists()"#),
-            1 => format!(
-                r#"event("{this}").within(1h).count() >= 1 or event("{next}").count() >= 5"#
-            ),
-            2 => format!(
-                r#"event("{this}").where(prop("amount") >= 100).exists() and event("{next}").within(1d).not_exists()"#
-            ),
-            3 => format!(r#"any(event("{this}").count() >= 1, prop("plan") == "pro")"#),
-            _ => format!(
-                r#"event("{this}").where(prop("path").starts_with("/pricing")).within(7d).count() >= 1"#
-            ),
-        };
-        let path = dir.join(format!("b{i:02}.toml"));
-        std::fs::write(&path, format!("criteria = '''\n  {criteria}\n'''\n"))
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    Ok(dir)
+    let buckets: Vec<(String, String)> = (0..BUCKETS)
+        .map(|i| {
+            let (this, next) = (format!("e{i}"), format!("e{}", (i + 1) % BUCKETS));
+            let criteria = match i % 5 {
+                0 => format!(r#"event("{this}").exists()"#),
+                1 => format!(
+                    r#"event("{this}").within(1h).count() >= 1 or event("{next}").count() >= 5"#
+                ),
+                2 => format!(
+                    r#"event("{this}").where(prop("amount") >= 100).exists() and event("{next}").within(1d).not_exists()"#
+                ),
+                3 => format!(r#"any(event("{this}").count() >= 1, prop("plan") == "pro")"#),
+                _ => format!(
+                    r#"event("{this}").where(prop("path").starts_with("/pricing")).within(7d).count() >= 1"#
+                ),
+            };
+            (format!("b{i:02}"), criteria)
+        })
+        .collect();
+    super::write_buckets(
+        "ingest",
+        buckets
+            .iter()
+            .map(|(id, criteria)| (id.as_str(), criteria.as_str())),
+    )
 }
 
 async fn wait_for_backfills(store: &Store) -> Result<()> {
@@ -388,7 +391,7 @@ async fn latency_at_rate(
 
     let mut latencies = Vec::with_capacity(sent_at.len());
     let mut entered = HashSet::new();
-    for (user, created_at) in store.entries_after(cursor).await? {
+    for (_, user, created_at) in store.transitions_of_kind_after(cursor, "entered").await? {
         if let Some(sent) = sent_at.get(&user) {
             latencies.push((created_at - *sent).to_std().unwrap_or_default());
             entered.insert(user);

@@ -3,8 +3,13 @@
 
 mod chaos;
 mod ingest;
+mod scale;
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use membrane_store::testing::TestDatabase;
+use membrane_store::Store;
 
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
@@ -16,11 +21,64 @@ pub enum BenchCommand {
     /// HTTP batch ingest to committed membership effects, with 20 buckets: sustained events per
     /// second, event-to-transition latency at a fixed rate, and the raw-COPY floor.
     Ingest(ingest::IngestOptions),
+    /// The clock at scale: a generated population (1M users, 10M events by default) and ten
+    /// buckets; backfill time per bucket, a full sweep of a composite time-based bucket against
+    /// its fact-gathering floor and against per-member evaluation, timer lag with every
+    /// backfilled timer armed, and the process's peak memory.
+    Scale(scale::ScaleOptions),
 }
 
 pub async fn run(command: BenchCommand) -> Result<std::process::ExitCode> {
     match command {
         BenchCommand::Chaos(options) => chaos::run(options).await,
         BenchCommand::Ingest(options) => ingest::run(options).await,
+        BenchCommand::Scale(options) => scale::run(options).await,
+    }
+}
+
+/// Writes one bucket file per `(id, criteria)` into a new temporary directory named after
+/// `bench`, and returns the directory.
+fn write_buckets<'a>(
+    bench: &str,
+    buckets: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("membrane-bench-{bench}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (id, criteria) in buckets {
+        let path = dir.join(format!("{id}.toml"));
+        std::fs::write(&path, format!("criteria = '''\n  {criteria}\n'''\n"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(dir)
+}
+
+/// The database a bench runs in: `url` (migrated here; it must be empty), or else a fresh one
+/// on the server of DATABASE_URL, or in a private throwaway cluster when that is unset. Also
+/// returns its URL, and the fresh database to keep alive while the bench runs.
+async fn open_database(
+    bench: &str,
+    url: Option<&str>,
+) -> Result<(Store, String, Option<TestDatabase>)> {
+    match url {
+        Some(url) => {
+            let store = Store::connect(url)
+                .await
+                .with_context(|| format!("cannot connect to {}", crate::redact(url)))?;
+            store.migrate().await.context("cannot apply migrations")?;
+            if !store.is_empty().await? {
+                bail!(
+                    "{} already holds contacts or buckets: the {bench} bench needs an empty database",
+                    crate::redact(url)
+                );
+            }
+            Ok((store, url.to_owned(), None))
+        }
+        None => {
+            let db = membrane_store::testing::fresh_database()
+                .await
+                .context("cannot create a database for the run")?;
+            eprintln!("{bench}: database {}", db.name);
+            Ok((db.store.clone(), db.url.clone(), Some(db)))
+        }
     }
 }
