@@ -102,20 +102,14 @@ pub async fn evaluate_batches(
             facts: &batch.bucket.facts,
         })
         .collect();
-    let facts = round.gather_facts_for(&requests, now).await?;
     // Only time-based criteria need the instants of their windows' events.
-    let timed: Vec<FactRequest> = batches
+    let timed: Vec<bool> = batches
         .iter()
-        .map(|batch| FactRequest {
-            users: if clock_plan(batch.bucket).is_some() {
-                batch.users
-            } else {
-                &[]
-            },
-            facts: &batch.bucket.facts,
-        })
+        .map(|batch| clock_plan(batch.bucket).is_some())
         .collect();
-    let window_events = round.gather_window_events_for(&timed, now).await?;
+    let (facts, window_events) = round
+        .gather_facts_and_window_events_for(&requests, &timed, now)
+        .await?;
     let pairs: Vec<(&str, &[String])> = batches
         .iter()
         .map(|batch| (batch.bucket.id(), batch.users))

@@ -20,7 +20,7 @@ pub use buckets::{
     BackfillProgress, BucketLock, BucketSwitch, BucketVersion, BucketWork, CandidateClause,
     SweepRun,
 };
-pub use facts::FactRequest;
+pub use facts::{FactRequest, WindowEvents};
 pub use imports::{ImportCheckpoint, ImportFile, ImportProgress};
 pub use ingest::{IngestOutcome, Message, QUEUE_CHANNEL};
 pub use maintenance::HotTable;

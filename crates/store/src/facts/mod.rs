@@ -25,8 +25,15 @@ struct CountFact<'a> {
     event: &'a str,
     /// The window's start; `None` = all of history.
     since: Option<DateTime<Utc>>,
+    /// Declared with a window (even one reaching past all of history): the clock needs the
+    /// instants of the events it counts.
+    windowed: bool,
     filter: Option<&'a EventFilter>,
 }
+
+/// Per user row and per fact, the instants the clock needs (see
+/// [`Round::gather_window_events`]).
+pub type WindowEvents = Vec<Vec<Vec<i64>>>;
 
 /// One batch of a round's fact gathering: users to evaluate against one predicate, and the facts
 /// that predicate declares.
@@ -60,6 +67,23 @@ impl Round {
         requests: &[FactRequest<'_>],
         now: DateTime<Utc>,
     ) -> Result<Vec<FactBatch>> {
+        let (batches, _) = self
+            .gather_facts_and_window_events_for(requests, &[], now)
+            .await?;
+        Ok(batches)
+    }
+
+    /// [`Round::gather_facts_for`], and for each request whose flag in `timed` is set (missing
+    /// flags are unset) what the clock needs beyond the values: per user and fact, the
+    /// instants of the events a windowed count counts (see [`Round::gather_window_events`]).
+    /// The counting statement reads those events anyway, so the instants cost no statement of
+    /// their own.
+    pub async fn gather_facts_and_window_events_for(
+        &mut self,
+        requests: &[FactRequest<'_>],
+        timed: &[bool],
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<FactBatch>, Vec<WindowEvents>)> {
         // The oracle works in whole milliseconds; truncating `now` the same way makes window
         // edges agree for events at any precision.
         let now_ms = now.timestamp_millis();
@@ -70,6 +94,10 @@ impl Round {
                 let blank: Vec<Slot> = request.facts.iter().map(Fact::blank_slot).collect();
                 FactBatch::new(request.users.len(), &blank)
             })
+            .collect();
+        let mut window_events: Vec<WindowEvents> = requests
+            .iter()
+            .map(|request| vec![vec![Vec::new(); request.facts.len()]; request.users.len()])
             .collect();
         let positions = user_rows(requests);
 
@@ -83,20 +111,32 @@ impl Round {
             .zip(&count_facts)
             .enumerate()
             .filter(|(_, (request, facts))| !request.users.is_empty() && !facts.is_empty())
-            .map(|(batch, (request, facts))| count_arm(&mut counting, batch, request.users, facts))
+            .map(|(batch, (request, facts))| {
+                let instants = timed.get(batch).copied().unwrap_or(false);
+                count_arm(&mut counting, batch, request.users, facts, instants)
+            })
             .collect();
         if !arms.is_empty() {
             counting.push(&arms.join(" UNION ALL "));
-            let counts: Vec<(i32, String, Vec<i64>)> =
+            let counts: Vec<(i32, String, Vec<i64>, Vec<i64>)> =
                 counting.query_as().fetch_all(&mut *self.tx).await?;
-            for (batch, user, per_fact) in counts {
+            for (batch, user, per_fact, instants) in counts {
                 let Some(batch) = usize::try_from(batch).ok().filter(|b| *b < requests.len())
                 else {
                     continue;
                 };
-                if let Some(&row) = positions[batch].get(user.as_str()) {
-                    for (fact, count) in count_facts[batch].iter().zip(per_fact) {
-                        batches[batch].set(row, fact.index, SlotValue::Count(count));
+                let Some(&row) = positions[batch].get(user.as_str()) else {
+                    continue;
+                };
+                // The instants of each windowed fact, in fact order: as many as it counted.
+                let mut instants = instants.into_iter();
+                for (fact, count) in count_facts[batch].iter().zip(per_fact) {
+                    batches[batch].set(row, fact.index, SlotValue::Count(count));
+                    if fact.windowed && timed.get(batch).copied().unwrap_or(false) {
+                        window_events[batch][row][fact.index] = instants
+                            .by_ref()
+                            .take(usize::try_from(count).unwrap_or(0))
+                            .collect();
                     }
                 }
             }
@@ -167,7 +207,7 @@ impl Round {
                 }
             }
         }
-        Ok(batches)
+        Ok((batches, window_events))
     }
 }
 
@@ -200,6 +240,7 @@ fn count_facts(facts: &[Fact], now_ms: i64) -> Vec<CountFact<'_>> {
                 index,
                 event,
                 since: within_secs.and_then(|secs| window_start(now_ms, secs)),
+                windowed: within_secs.is_some(),
                 filter: filter.as_ref(),
             }),
             Fact::Property { .. } | Fact::PropertyTime { .. } => None,
@@ -292,10 +333,13 @@ fn property_time(value: &Value) -> SlotValue<'static> {
 }
 
 /// One grouped scan over a batch's events of the named kinds, counting every fact at once, as
-/// one arm of the round's counting statement:
+/// one arm of the round's counting statement; with `instants`, the second column also lists,
+/// for each windowed fact in order, the instants (Unix ms, rounded down as the oracle reads
+/// them) of the events it counted:
 ///
 /// ```sql
-/// SELECT <batch>, e.user_id, ARRAY[count(*) FILTER (WHERE e.name = $3 AND e.occurred_at >= $4 AND …), …]
+/// SELECT <batch>, e.user_id, ARRAY[count(*) FILTER (WHERE e.name = $3 AND e.occurred_at >= $4 AND …), …],
+///        coalesce(array_agg(<ms>) FILTER (WHERE e.name = $3 AND …), '{}') || …
 /// FROM events e WHERE e.user_id = ANY($1) AND e.name = ANY($2) [AND e.occurred_at >= $n]
 /// GROUP BY e.user_id
 /// ```
@@ -306,6 +350,7 @@ fn count_arm(
     batch: usize,
     users: &[String],
     count_facts: &[CountFact<'_>],
+    instants: bool,
 ) -> String {
     let users = statement.bind_text_array(users.to_vec());
     let mut names: Vec<String> = count_facts.iter().map(|f| f.event.to_owned()).collect();
@@ -313,22 +358,33 @@ fn count_arm(
     names.dedup();
     let names = statement.bind_text_array(names);
 
-    let counts: Vec<String> = count_facts
-        .iter()
-        .map(|fact| {
-            let mut conditions = vec![format!("e.name = {}", statement.bind_text(fact.event))];
-            if let Some(since) = fact.since {
-                conditions.push(format!(
-                    "e.occurred_at >= {}",
-                    statement.bind_timestamp(since)
-                ));
-            }
-            if let Some(filter) = fact.filter {
-                conditions.push(statement.event_filter(filter, "e.properties"));
-            }
-            format!("count(*) FILTER (WHERE {})", conditions.join(" AND "))
-        })
-        .collect();
+    let mut counts = Vec::with_capacity(count_facts.len());
+    let mut windowed_instants = Vec::new();
+    for fact in count_facts {
+        let mut conditions = vec![format!("e.name = {}", statement.bind_text(fact.event))];
+        if let Some(since) = fact.since {
+            conditions.push(format!(
+                "e.occurred_at >= {}",
+                statement.bind_timestamp(since)
+            ));
+        }
+        if let Some(filter) = fact.filter {
+            conditions.push(statement.event_filter(filter, "e.properties"));
+        }
+        let condition = conditions.join(" AND ");
+        if instants && fact.windowed {
+            windowed_instants.push(format!(
+                "coalesce(array_agg(floor(extract(epoch FROM e.occurred_at) * 1000)::int8) \
+                          FILTER (WHERE {condition}), '{{}}')"
+            ));
+        }
+        counts.push(format!("count(*) FILTER (WHERE {condition})"));
+    }
+    let instants = if windowed_instants.is_empty() {
+        "'{}'::int8[]".to_owned()
+    } else {
+        windowed_instants.join(" || ")
+    };
 
     // When every fact is windowed, the scan can start at the oldest window (index range).
     let oldest_window = count_facts
@@ -339,7 +395,7 @@ fn count_arm(
         .map(|since| format!(" AND e.occurred_at >= {}", statement.bind_timestamp(since)));
 
     format!(
-        "SELECT {batch}::int4, e.user_id, ARRAY[{}]::int8[] FROM events e \
+        "SELECT {batch}::int4, e.user_id, ARRAY[{}]::int8[], {instants} FROM events e \
          WHERE e.user_id = ANY({users}) AND e.name = ANY({names}){} \
          GROUP BY e.user_id",
         counts.join(", "),
