@@ -102,6 +102,10 @@ pub async fn run(options: ScaleOptions) -> Result<std::process::ExitCode> {
     if options.users < 1 || options.events_per_user < 1 || options.page_size < 1 {
         bail!("--users, --events-per-user and --page-size must be at least 1");
     }
+    // User ids have seven digits.
+    if options.users > 10_000_000 {
+        bail!("--users must be at most 10000000, not {}", options.users);
+    }
     if !(-1.0..=1.0).contains(&options.seed) {
         bail!("--seed must be between -1 and 1, not {}", options.seed);
     }
@@ -174,7 +178,7 @@ async fn measure(store: &Store, buckets_dir: &Path, options: &ScaleOptions) -> R
     }
     let best_sweep = sweep.sweeps.iter().min().copied().unwrap_or_default();
     println!(
-        "  per-member evaluation of its {} members: {:.2} s, {:.0} µs a member; the sweep is {:.1}x faster",
+        "  per-member evaluation of its {} members: {:.2} s, {:.0} µs a member; the faster sweep pass is {:.1}x faster",
         sweep.members,
         sweep.per_member.as_secs_f64(),
         sweep.per_member.as_secs_f64() * 1e6 / sweep.members.max(1) as f64,
