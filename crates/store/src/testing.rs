@@ -38,6 +38,12 @@ pub enum TestDbError {
         #[source]
         source: StoreError,
     },
+    #[error("could not drop test database {name}: {source}")]
+    Drop {
+        name: String,
+        #[source]
+        source: sqlx::Error,
+    },
 }
 
 /// A database of its own for one test, with the real migrations applied. It is not dropped
@@ -48,6 +54,28 @@ pub struct TestDatabase {
     pub name: String,
     pub url: String,
     pub store: Store,
+}
+
+impl TestDatabase {
+    /// Drops the database now, closing the store's connections first, instead of leaving it
+    /// to the next run on the server (a benchmark's can hold gigabytes).
+    pub async fn drop_now(self) -> Result<(), TestDbError> {
+        self.store.close().await;
+        let mut maintenance = PgConnection::connect(&server_url()?)
+            .await
+            .map_err(TestDbError::Connect)?;
+        let dropped = sqlx::query(&format!(
+            r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#,
+            self.name
+        ))
+        .execute(&mut maintenance)
+        .await;
+        let _ = maintenance.close().await;
+        dropped.map(drop).map_err(|source| TestDbError::Drop {
+            name: self.name,
+            source,
+        })
+    }
 }
 
 /// The server tests run against: `DATABASE_URL` when set, else one private cluster per process.

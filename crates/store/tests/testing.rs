@@ -45,3 +45,17 @@ fn database_urls_keep_the_server_and_its_options() {
     }
     assert!(url_with_database("not a url", "t").is_err());
 }
+
+#[tokio::test]
+async fn a_dropped_database_is_gone_from_the_server() {
+    let keeper = fresh_database().await.expect("a fresh database");
+    let dropped = fresh_database().await.expect("another fresh database");
+    let name = dropped.name.clone();
+    dropped.drop_now().await.expect("the database drops");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_one(keeper.store.pool())
+        .await
+        .expect("pg_database reads");
+    assert_eq!(left, 0, "{name} is still on the server");
+}

@@ -66,15 +66,13 @@ pub async fn run(options: IngestOptions) -> Result<std::process::ExitCode> {
     if options.events == 0 || options.users == 0 || options.batch == 0 || options.rate == 0 {
         bail!("--events, --users, --batch and --rate must be at least 1");
     }
-    let database = membrane_store::testing::fresh_database()
-        .await
-        .context("cannot create the bench database")?;
-    let store = database.store.clone();
+    let (store, _, throwaway) = super::open_database("ingest", None).await?;
     let buckets_dir = write_buckets()?;
     let result = measure(&store, &buckets_dir, &options).await;
     // Best effort: the private cluster (if any) goes away with the process anyway.
     let _ = std::fs::remove_dir_all(&buckets_dir);
     store.close().await;
+    super::finish_database("ingest", throwaway, result.is_ok()).await;
     result.map(|()| std::process::ExitCode::SUCCESS)
 }
 

@@ -82,3 +82,16 @@ async fn open_database(
         }
     }
 }
+
+/// After a bench: drops the fresh database it ran in when it succeeded (at scale it holds
+/// gigabytes), and says where it is when it failed, for inspection.
+async fn finish_database(bench: &str, throwaway: Option<TestDatabase>, succeeded: bool) {
+    let Some(database) = throwaway else { return };
+    if !succeeded {
+        eprintln!("{bench}: database {} kept for inspection", database.name);
+        return;
+    }
+    if let Err(error) = database.drop_now().await {
+        eprintln!("{bench}: {error}");
+    }
+}

@@ -112,7 +112,7 @@ pub async fn run(options: ScaleOptions) -> Result<std::process::ExitCode> {
     if options.lag_lead < 1.0 || options.lag_spread < 0.0 {
         bail!("--lag-lead must be at least 1 s and --lag-spread at least 0 s");
     }
-    let (store, _, _throwaway) =
+    let (store, _, throwaway) =
         super::open_database("scale", options.database_url.as_deref()).await?;
     let buckets_dir = super::write_buckets(
         "scale",
@@ -122,6 +122,7 @@ pub async fn run(options: ScaleOptions) -> Result<std::process::ExitCode> {
     // Best effort: the private cluster (if any) goes away with the process anyway.
     let _ = std::fs::remove_dir_all(&buckets_dir);
     store.close().await;
+    super::finish_database("scale", throwaway, result.is_ok()).await;
     result.map(|()| std::process::ExitCode::SUCCESS)
 }
 
