@@ -5,30 +5,33 @@
 //! database again on its own afterwards.
 
 use std::collections::HashSet;
-use std::process::Command;
 
 use membrane_store::testing::fresh_database;
 
-use crate::support::BINARY;
+use crate::support::run_bench;
 
 const KILLS_PER_ENGINE: usize = 10;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkilled_engines_lose_and_duplicate_nothing() {
     let db = fresh_database().await.expect("a fresh test database");
-    let url = db.url.clone();
     let kills = KILLS_PER_ENGINE.to_string();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(BINARY)
-            .args(["bench", "chaos", "--database-url", &url])
-            .args(["--engines", "3", "--kills-per-engine", &kills])
-            .args(["--users", "300", "--seconds", "35", "--rate", "150"])
-            .env("RUST_LOG", "warn")
-            .output()
-    })
-    .await
-    .expect("the bench runs")
-    .expect("the membrane binary starts");
+    let args = [
+        "chaos",
+        "--database-url",
+        &db.url,
+        "--engines",
+        "3",
+        "--kills-per-engine",
+        &kills,
+        "--users",
+        "300",
+        "--seconds",
+        "35",
+        "--rate",
+        "150",
+    ];
+    let output = run_bench(args.map(str::to_owned).to_vec()).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     let report: serde_json::Value = serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("no JSON report ({e}); stderr:\n{stderr}"));

@@ -2,27 +2,29 @@
 //! the sweep against its floor and against per-member evaluation, and timer lag all run, and
 //! every timer-lag user leaves at its window's end (the bench fails otherwise).
 
-use std::process::Command;
-
 use membrane_store::testing::fresh_database;
 
-use crate::support::BINARY;
+use crate::support::run_bench;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_scale_bench_runs_every_phase_on_a_small_population() {
     let db = fresh_database().await.expect("a fresh test database");
-    let url = db.url.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(BINARY)
-            .args(["bench", "scale", "--database-url", &url])
-            .args(["--users", "3000", "--events-per-user", "6"])
-            .args(["--lag-users", "200", "--lag-lead", "3", "--lag-spread", "2"])
-            .env("RUST_LOG", "warn")
-            .output()
-    })
-    .await
-    .expect("the bench runs")
-    .expect("the membrane binary starts");
+    let args = [
+        "scale",
+        "--database-url",
+        &db.url,
+        "--users",
+        "3000",
+        "--events-per-user",
+        "6",
+        "--lag-users",
+        "200",
+        "--lag-lead",
+        "3",
+        "--lag-spread",
+        "2",
+    ];
+    let output = run_bench(args.map(str::to_owned).to_vec()).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

@@ -169,3 +169,17 @@ where
 pub fn repo_root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
+
+/// Runs `membrane bench <args>` to its end (with `RUST_LOG=warn`) and returns what it printed.
+pub async fn run_bench(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BINARY)
+            .arg("bench")
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+    })
+    .await
+    .expect("the bench runs")
+    .expect("the membrane binary starts")
+}

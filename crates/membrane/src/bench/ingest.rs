@@ -69,11 +69,7 @@ pub async fn run(options: IngestOptions) -> Result<std::process::ExitCode> {
     let (store, _, throwaway) = super::open_database("ingest", None).await?;
     let buckets_dir = write_buckets()?;
     let result = measure(&store, &buckets_dir, &options).await;
-    // Best effort: the private cluster (if any) goes away with the process anyway.
-    let _ = std::fs::remove_dir_all(&buckets_dir);
-    store.close().await;
-    super::finish_database("ingest", throwaway, result.is_ok()).await;
-    result.map(|()| std::process::ExitCode::SUCCESS)
+    super::finish_run("ingest", store, &buckets_dir, throwaway, result).await
 }
 
 async fn measure(store: &Store, buckets_dir: &Path, options: &IngestOptions) -> Result<()> {

@@ -83,15 +83,25 @@ async fn open_database(
     }
 }
 
-/// After a bench: drops the fresh database it ran in when it succeeded (at scale it holds
-/// gigabytes), and says where it is when it failed, for inspection.
-async fn finish_database(bench: &str, throwaway: Option<TestDatabase>, succeeded: bool) {
-    let Some(database) = throwaway else { return };
-    if !succeeded {
-        eprintln!("{bench}: database {} kept for inspection", database.name);
-        return;
+/// Ends a bench run: removes its bucket directory, closes the store and, when the run
+/// succeeded, drops the fresh database it ran in (at scale it holds gigabytes); a failed run's
+/// database is kept for inspection and named.
+async fn finish_run(
+    bench: &str,
+    store: Store,
+    buckets_dir: &std::path::Path,
+    throwaway: Option<TestDatabase>,
+    result: Result<()>,
+) -> Result<std::process::ExitCode> {
+    // Best effort: the private cluster (if any) goes away with the process anyway.
+    let _ = std::fs::remove_dir_all(buckets_dir);
+    store.close().await;
+    if let Some(database) = throwaway {
+        if result.is_err() {
+            eprintln!("{bench}: database {} kept for inspection", database.name);
+        } else if let Err(error) = database.drop_now().await {
+            eprintln!("{bench}: {error}");
+        }
     }
-    if let Err(error) = database.drop_now().await {
-        eprintln!("{bench}: {error}");
-    }
+    result.map(|()| std::process::ExitCode::SUCCESS)
 }

@@ -119,11 +119,7 @@ pub async fn run(options: ScaleOptions) -> Result<std::process::ExitCode> {
         BUCKETS.iter().map(|(id, criteria)| (*id, *criteria)),
     )?;
     let result = measure(&store, &buckets_dir, &options).await;
-    // Best effort: the private cluster (if any) goes away with the process anyway.
-    let _ = std::fs::remove_dir_all(&buckets_dir);
-    store.close().await;
-    super::finish_database("scale", throwaway, result.is_ok()).await;
-    result.map(|()| std::process::ExitCode::SUCCESS)
+    super::finish_run("scale", store, &buckets_dir, throwaway, result).await
 }
 
 async fn measure(store: &Store, buckets_dir: &Path, options: &ScaleOptions) -> Result<()> {

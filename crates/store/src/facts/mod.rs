@@ -105,6 +105,7 @@ impl Round {
             .iter()
             .map(|request| count_facts(request.facts, now_ms))
             .collect();
+        let wants_instants = |batch: usize| timed.get(batch).copied().unwrap_or(false);
         let mut counting = Statement::default();
         let arms: Vec<String> = requests
             .iter()
@@ -112,8 +113,13 @@ impl Round {
             .enumerate()
             .filter(|(_, (request, facts))| !request.users.is_empty() && !facts.is_empty())
             .map(|(batch, (request, facts))| {
-                let instants = timed.get(batch).copied().unwrap_or(false);
-                count_arm(&mut counting, batch, request.users, facts, instants)
+                count_arm(
+                    &mut counting,
+                    batch,
+                    request.users,
+                    facts,
+                    wants_instants(batch),
+                )
             })
             .collect();
         if !arms.is_empty() {
@@ -132,7 +138,7 @@ impl Round {
                 let mut instants = instants.into_iter();
                 for (fact, count) in count_facts[batch].iter().zip(per_fact) {
                     batches[batch].set(row, fact.index, SlotValue::Count(count));
-                    if fact.windowed && timed.get(batch).copied().unwrap_or(false) {
+                    if fact.windowed && wants_instants(batch) {
                         window_events[batch][row][fact.index] = instants
                             .by_ref()
                             .take(usize::try_from(count).unwrap_or(0))
