@@ -123,9 +123,14 @@ async fn cli_endpoint_receives_signed_transitions() {
     let added = cli(&engine.db.url, &["add", &url, "--secret", SECRET]);
     assert!(added.starts_with("endpoint 1: "), "{added}");
 
+    // Engines evaluate users concurrently, so two users' transitions are ordered only once the
+    // first is committed: bob follows alice, and alice's failure must hold him back.
     for user in ["alice", "bob"] {
         engine
             .identify(user, serde_json::json!({"tier": "gold"}))
+            .await;
+        engine
+            .wait_for_transition(Duration::from_secs(10), |t| t.user_id == user)
             .await;
     }
     // The default backoff waits up to 5 s after the injected 500.

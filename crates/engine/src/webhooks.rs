@@ -7,7 +7,9 @@
 //! while it sends the endpoint's oldest pending transition (see `membrane_store::webhooks`),
 //! and a failure blocks the line, with exponential backoff, until the delivery succeeds or
 //! exhausts its attempts and becomes a dead letter, after which the line moves on. A dead
-//! letter stays visible (`membrane webhooks dead`) until replayed.
+//! letter stays visible (`membrane webhooks dead`) until replayed. "Oldest" is transition id
+//! order among committed transitions: one user's transitions always arrive in order, while two
+//! users evaluated at once by different rounds may commit, and so arrive, out of id order.
 //!
 //! Endpoints may be `http://` or `https://`. HTTPS uses rustls and trusts the bundled public
 //! (Mozilla) roots, plus, for an endpoint registered with its own CA certificates
