@@ -338,19 +338,24 @@ fn property_time(value: &Value) -> SlotValue<'static> {
         .map_or(SlotValue::Missing, SlotValue::Timestamp)
 }
 
-/// One grouped scan over a batch's events of the named kinds, counting every fact at once, as
-/// one arm of the round's counting statement; with `instants`, the second column also lists,
-/// for each windowed fact in order, the instants (Unix ms, rounded down as the oracle reads
-/// them) of the events it counted:
+/// One scan of each user's events of the named kinds, counting every fact at once, as one arm
+/// of the round's counting statement; with `instants`, the last column also lists, for each
+/// windowed fact in order, the instants (Unix ms, rounded down as the oracle reads them) of the
+/// events it counted:
 ///
 /// ```sql
-/// SELECT <batch>, e.user_id, ARRAY[count(*) FILTER (WHERE e.name = $3 AND e.occurred_at >= $4 AND …), …],
-///        coalesce(array_agg(<ms>) FILTER (WHERE e.name = $3 AND …), '{}') || …
-/// FROM events e WHERE e.user_id = ANY($1) AND e.name = ANY($2) [AND e.occurred_at >= $n]
-/// GROUP BY e.user_id
+/// SELECT <batch>, u.user_id, c.counts, c.instants FROM unnest($1) AS u(user_id)
+/// CROSS JOIN LATERAL (
+///     SELECT ARRAY[count(*) FILTER (WHERE e.name = $3 AND e.occurred_at >= $4 AND …), …] AS counts,
+///            coalesce(array_agg(<ms>) FILTER (WHERE e.name = $3 AND …), '{}') || … AS instants
+///     FROM events e WHERE e.user_id = u.user_id AND e.name = ANY($2) [AND e.occurred_at >= $n]
+///     HAVING count(*) > 0) AS c
 /// ```
 ///
-/// Users without matching events get no row (their counts stay 0).
+/// A probe of `events (user_id, name, occurred_at)` per user, whatever the statistics say:
+/// written as `e.user_id = ANY($1)` with a `GROUP BY`, a table that grew since it was last
+/// analyzed was scanned whole for every arm (52 ms against 12 ms for 1,000 users of a
+/// 260k-event table). Users without matching events get no row (their counts stay 0).
 fn count_arm(
     statement: &mut Statement,
     batch: usize,
@@ -401,9 +406,11 @@ fn count_arm(
         .map(|since| format!(" AND e.occurred_at >= {}", statement.bind_timestamp(since)));
 
     format!(
-        "SELECT {batch}::int4, e.user_id, ARRAY[{}]::int8[], {instants} FROM events e \
-         WHERE e.user_id = ANY({users}) AND e.name = ANY({names}){} \
-         GROUP BY e.user_id",
+        "SELECT {batch}::int4, u.user_id, c.counts, c.instants \
+         FROM unnest({users}) AS u(user_id) CROSS JOIN LATERAL ( \
+             SELECT ARRAY[{}]::int8[] AS counts, {instants} AS instants FROM events e \
+             WHERE e.user_id = u.user_id AND e.name = ANY({names}){} \
+             HAVING count(*) > 0) AS c",
         counts.join(", "),
         oldest_window.unwrap_or_default()
     )
