@@ -123,8 +123,8 @@ async fn cli_endpoint_receives_signed_transitions() {
     let added = cli(&engine.db.url, &["add", &url, "--secret", SECRET]);
     assert!(added.starts_with("endpoint 1: "), "{added}");
 
-    // Engines evaluate users concurrently, so two users' transitions are ordered only once the
-    // first is committed: bob follows alice, and alice's failure must hold him back.
+    // Concurrent rounds may commit two users' transitions out of id order, so bob is identified
+    // once alice's transition is committed: then he follows her, and her failure holds him back.
     for user in ["alice", "bob"] {
         engine
             .identify(user, serde_json::json!({"tier": "gold"}))
