@@ -105,8 +105,8 @@ impl Store {
 /// The generated population of the scale benchmark: `users` contacts and `events_per_user`
 /// events each, reproducible from `seed`.
 ///
-/// Users are `u0000000`, `u0000001`, … (so at most 10M); each has a `plan` (40% free, 30% team, 30% pro), a
-/// `country` and an RFC 3339 `signup_at` up to a year back. Their first event is a `visit` in
+/// Users are `u0000000`, `u0000001`, … (so at most 10M); each has a `plan` (40% free, 30%
+/// team, 30% pro), a `country` and an RFC 3339 `signup_at` up to a year back. Their first event is a `visit` in
 /// the last 23 hours (so a one-day window of it ends in 1 to 24 hours); the rest fall in the
 /// last 30 days: `page_view` (with a `path`), `click`, `search` (with a one-letter `query`),
 /// `purchase` (with an `amount` up to 300) and `support`. One user in six is a buyer, a quarter

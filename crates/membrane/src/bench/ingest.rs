@@ -191,11 +191,7 @@ fn write_buckets() -> Result<PathBuf> {
 async fn wait_for_backfills(store: &Store) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let switches = store.bucket_switches().await?;
-        let done = switches
-            .values()
-            .filter(|switch| switch.backfilled_hash.is_some())
-            .count();
+        let done = super::backfilled_buckets(store).await?;
         if done == BUCKETS {
             return Ok(());
         }

@@ -83,6 +83,16 @@ async fn open_database(
     }
 }
 
+/// How many buckets have a finished backfill.
+async fn backfilled_buckets(store: &Store) -> Result<usize> {
+    Ok(store
+        .bucket_switches()
+        .await?
+        .values()
+        .filter(|switch| switch.backfilled_hash.is_some())
+        .count())
+}
+
 /// Ends a bench run: removes its bucket directory, closes the store and, when the run
 /// succeeded, drops the fresh database it ran in (at scale it holds gigabytes); a failed run's
 /// database is kept for inspection and named.

@@ -204,11 +204,7 @@ async fn backfill(store: &Store) -> Result<()> {
     let started = Instant::now();
     let mut reported = Instant::now();
     loop {
-        let switches = store.bucket_switches().await?;
-        let done = switches
-            .values()
-            .filter(|switch| switch.backfilled_hash.is_some())
-            .count();
+        let done = super::backfilled_buckets(store).await?;
         if done == BUCKETS.len() {
             break;
         }
