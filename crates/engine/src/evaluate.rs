@@ -11,7 +11,7 @@ use membrane_criteria::clock::{next_change_at, TimedFacts};
 use membrane_criteria::plan::Plan;
 use membrane_store::{
     ActiveMember, Admission, Applied, ArmPolicy, Arming, Departure, DwellDue, EntryRule,
-    FactRequest, Round, Source,
+    FactRequest, Round, Source, WindowEvents,
 };
 
 use crate::registry::LoadedBucket;
@@ -222,15 +222,21 @@ async fn refuse_clock_joins(
             .clock_rejoin_blocked(bucket.id(), &decision.joins)
             .await?
     };
-    if !refused.is_empty() {
-        decision.joins.retain(|user| !refused.contains(user));
-        for (user, state) in batch.users.iter().zip(decision.after.iter_mut()) {
-            if refused.contains(user) {
-                *state = None;
-            }
+    refuse(batch, decision, &refused);
+    Ok(())
+}
+
+/// Takes the `refused` joins out of `decision`: those users stay out.
+fn refuse(batch: &Batch<'_>, decision: &mut Decision, refused: &HashSet<String>) {
+    if refused.is_empty() {
+        return;
+    }
+    decision.joins.retain(|user| !refused.contains(user));
+    for (user, state) in batch.users.iter().zip(decision.after.iter_mut()) {
+        if refused.contains(user) {
+            *state = None;
         }
     }
-    Ok(())
 }
 
 /// Moves the changes of users with an unprocessed change touching the bucket to the `live_*`
@@ -358,10 +364,9 @@ async fn arm_next_changes(
     batches: &[Batch<'_>],
     decisions: &[Result<Decision, EngineError>],
     facts: &[FactBatch],
-    window_events: Vec<Vec<Vec<Vec<i64>>>>,
+    window_events: Vec<WindowEvents>,
     now: DateTime<Utc>,
 ) -> Result<Vec<u64>, EngineError> {
-    let now_ms = now.timestamp_millis();
     // Per batch: its position, how its timers are set, and each user's next instant.
     let mut wanted: Vec<(usize, ArmPolicy, NextInstants)> = Vec::new();
     for (index, (((batch, decision), facts), window_events)) in batches
@@ -372,37 +377,7 @@ async fn arm_next_changes(
         .enumerate()
     {
         let Ok(decision) = decision else { continue };
-        let bucket = batch.bucket;
-        let clock = clock_plan(bucket);
-        let rules = DwellRules::of(bucket);
-        let mut window_events = window_events.into_iter();
-        // The clock reads facts as values; only time-based criteria need them decoded.
-        let values = match clock {
-            Some(_) => facts.rows(),
-            None => vec![Vec::new(); batch.users.len()],
-        };
-        let due: Vec<Option<DateTime<Utc>>> = values
-            .into_iter()
-            .zip(&decision.after)
-            .map(|(values, membership)| {
-                let criteria = clock.and_then(|plan| {
-                    let timed = TimedFacts {
-                        values,
-                        window_events: window_events.next().unwrap_or_default(),
-                    };
-                    let criteria_can_act =
-                        membership.is_some() || bucket.def.reconcile_joins != ReconcileJoins::Never;
-                    criteria_can_act
-                        .then(|| next_change_at(plan, &timed, now_ms))
-                        .flatten()
-                        .and_then(DateTime::from_timestamp_millis)
-                });
-                let dwell = membership.and_then(|(entered_at, deferred)| {
-                    rules.next_instant(entered_at, deferred, now)
-                });
-                [criteria, dwell].into_iter().flatten().min()
-            })
-            .collect();
+        let due = next_instants(batch, decision, facts, window_events, now);
         // The clock's own paths set timers exactly, so an early one is put right when it
         // fires; the others only bring timers forward.
         let policy = match batch.recording.source {
@@ -437,6 +412,116 @@ async fn arm_next_changes(
         }
     }
     Ok(armed)
+}
+
+/// Each user's next instant in `batch`'s bucket once `decision` applies: when its criteria can
+/// next change with no event (time-based criteria, while they can act for the user) or its
+/// dwell rules next act on the member, whichever comes first.
+fn next_instants(
+    batch: &Batch<'_>,
+    decision: &Decision,
+    facts: &FactBatch,
+    window_events: WindowEvents,
+    now: DateTime<Utc>,
+) -> NextInstants {
+    let now_ms = now.timestamp_millis();
+    let bucket = batch.bucket;
+    let clock = clock_plan(bucket);
+    let rules = DwellRules::of(bucket);
+    let mut window_events = window_events.into_iter();
+    // The clock reads facts as values; only time-based criteria need them decoded.
+    let values = match clock {
+        Some(_) => facts.rows(),
+        None => vec![Vec::new(); batch.users.len()],
+    };
+    values
+        .into_iter()
+        .zip(&decision.after)
+        .map(|(values, membership)| {
+            let criteria = clock.and_then(|plan| {
+                let timed = TimedFacts {
+                    values,
+                    window_events: window_events.next().unwrap_or_default(),
+                };
+                let criteria_can_act =
+                    membership.is_some() || bucket.def.reconcile_joins != ReconcileJoins::Never;
+                criteria_can_act
+                    .then(|| next_change_at(plan, &timed, now_ms))
+                    .flatten()
+                    .and_then(DateTime::from_timestamp_millis)
+            });
+            let dwell = membership
+                .and_then(|(entered_at, deferred)| rules.next_instant(entered_at, deferred, now));
+            [criteria, dwell].into_iter().flatten().min()
+        })
+        .collect()
+}
+
+/// The users of `batch` whose evaluation at `now` would write anything: a join (unless the
+/// bucket never joins by the clock), a leave, a due `dwell` mark, or a timer to arm, move or
+/// remove. It only reads, and locks nothing: a sweep asks it of each page, and then evaluates
+/// just these users, locked, with [`evaluate_batches`], which decides again on what it reads
+/// then. A fault of the predicate is returned as [`EngineError::Predicate`].
+pub async fn users_to_change(
+    round: &mut Round,
+    batch: &Batch<'_>,
+    now: DateTime<Utc>,
+) -> Result<Vec<String>, EngineError> {
+    let bucket = batch.bucket;
+    let requests = [FactRequest {
+        users: batch.users,
+        facts: &bucket.facts,
+    }];
+    let timed = [clock_plan(bucket).is_some()];
+    let (facts, window_events) = round
+        .gather_facts_and_window_events_for(&requests, &timed, now)
+        .await?;
+    let (Some(facts), Some(window_events)) = (facts.first(), window_events.into_iter().next())
+    else {
+        return Ok(Vec::new());
+    };
+    let active = round
+        .active_members_of(&[(bucket.id(), batch.users)])
+        .await?
+        .pop()
+        .unwrap_or_default();
+    let armed = round.armed_timers(bucket.id(), batch.users).await?;
+    let verdicts = tokio::task::block_in_place(|| {
+        bucket
+            .predicate
+            .evaluate_batch(facts, now.timestamp_millis())
+    })
+    .map_err(|source| EngineError::Predicate {
+        bucket: bucket.id().to_owned(),
+        source,
+    })?;
+    let mut decision = decide(batch, &verdicts, &active, now);
+    if bucket.def.reconcile_joins == ReconcileJoins::Never {
+        let refused: HashSet<String> = decision.joins.iter().cloned().collect();
+        refuse(batch, &mut decision, &refused);
+    }
+    let due = next_instants(batch, &decision, facts, window_events, now);
+    let mut changing: HashSet<&str> = decision
+        .joins
+        .iter()
+        .chain(decision.leaves.iter().map(|(user, _)| user))
+        .chain(decision.expired.iter().map(|(user, _)| user))
+        .chain(decision.marks.iter().map(|mark| &mark.user_id))
+        .map(String::as_str)
+        .collect();
+    // Compared in whole microseconds, as timestamptz stores them.
+    let micros = |at: Option<&DateTime<Utc>>| at.map(DateTime::timestamp_micros);
+    for (user, due) in batch.users.iter().zip(&due) {
+        if micros(armed.get(user)) != micros(due.as_ref()) {
+            changing.insert(user);
+        }
+    }
+    Ok(batch
+        .users
+        .iter()
+        .filter(|user| changing.contains(user.as_str()))
+        .cloned()
+        .collect())
 }
 
 /// `(matching, rest)`.

@@ -3,9 +3,11 @@
 //! persist their progress, resume after a crash without doing a page twice, and stop while
 //! their bucket is disabled. Real Postgres, real WASM, engines in process.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use membrane_engine::{EngineConfig, EngineHandle};
 use membrane_store::console::{set_bucket_enabled, snapshot};
 use membrane_store::testing::fresh_database;
@@ -139,6 +141,103 @@ max_dwell = "1s"
         .get_or_create(&membrane_engine::TransitionKind { kind: "joined" })
         .get();
     assert!(found >= 2, "sweep_found_work{{kind=joined}} is {found}");
+    engine.shutdown().await;
+}
+
+/// Each user's timer in `bucket` and the row's physical address (which an update changes).
+async fn timer_rows(store: &Store, bucket: &str) -> HashMap<String, (DateTime<Utc>, String)> {
+    let rows: Vec<(String, DateTime<Utc>, String)> =
+        sqlx::query_as("SELECT user_id, due_at, ctid::text FROM timers WHERE bucket_id = $1")
+            .bind(bucket)
+            .fetch_all(store.pool())
+            .await
+            .expect("timers");
+    rows.into_iter()
+        .map(|(user, due, ctid)| (user, (due, ctid)))
+        .collect()
+}
+
+/// Each contact row's `xmax`: a row lock (`FOR UPDATE`) sets it.
+async fn contact_locks(store: &Store) -> HashMap<String, String> {
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT user_id, xmax::text FROM contacts")
+        .fetch_all(store.pool())
+        .await
+        .expect("contacts");
+    rows.into_iter().collect()
+}
+
+/// A sweep checks every member and candidate, but locks and writes only the users whose state
+/// is wrong: here a timer that went missing and one moved a day out are put back exactly, and
+/// no other user's contact row is locked or timer rewritten.
+#[tokio::test(flavor = "multi_thread")]
+async fn sweeps_write_only_what_is_wrong() {
+    let db = fresh_database().await.expect("a database");
+    let store = db.store.clone();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(
+        dir.path().join("recent.toml"),
+        "criteria = 'event(\"visit\").within(1h).exists()'\n",
+    )
+    .expect("bucket written");
+    let engine = start(&store, dir.path(), |c| {
+        c.sweep_interval = Duration::from_secs(3_600);
+        c.fire_timers = false;
+    })
+    .await;
+    let users: Vec<String> = (0..30).map(|n| format!("user-{n:02}")).collect();
+    for user in &users {
+        track(&store, user, "visit").await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let armed = loop {
+        let armed = timer_rows(&store, "recent").await;
+        if armed.len() == users.len() && store.queued_changes().await.expect("queue") == 0 {
+            break armed;
+        }
+        assert!(Instant::now() < deadline, "timers armed: {}", armed.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    sqlx::query("DELETE FROM timers WHERE bucket_id = 'recent' AND user_id = 'user-00'")
+        .execute(store.pool())
+        .await
+        .expect("timer removed");
+    sqlx::query(
+        "UPDATE timers SET due_at = due_at + interval '1 day' \
+         WHERE bucket_id = 'recent' AND user_id = 'user-01'",
+    )
+    .execute(store.pool())
+    .await
+    .expect("timer moved");
+    let tampered = timer_rows(&store, "recent").await;
+    let locks = contact_locks(&store).await;
+
+    let run = engine
+        .sweep_now("recent")
+        .await
+        .expect("the sweep runs")
+        .expect("no other engine sweeps");
+    assert_eq!(run.checked, users.len() as i64);
+    assert_eq!((run.joined, run.left_count), (0, 0));
+
+    let swept = timer_rows(&store, "recent").await;
+    let swept_locks = contact_locks(&store).await;
+    for user in &users {
+        assert_eq!(swept[user].0, armed[user].0, "{user}'s timer");
+        let repaired = user == "user-00" || user == "user-01";
+        assert_eq!(
+            swept_locks[user] != locks[user],
+            repaired,
+            "{user}'s contact row locked: {} then {}",
+            locks[user],
+            swept_locks[user]
+        );
+        if !repaired {
+            assert_eq!(
+                swept[user].1, tampered[user].1,
+                "{user}'s timer row rewritten"
+            );
+        }
+    }
     engine.shutdown().await;
 }
 

@@ -281,8 +281,14 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
+        let delete_events = format!(
+            "WITH RECURSIVE {} DELETE FROM events e \
+             WHERE e.name = ANY({}) AND e.user_id = $1",
+            crate::EVENT_NAMES,
+            crate::ALL_EVENT_NAMES
+        );
         for statement in [
-            "DELETE FROM events WHERE user_id = $1",
+            delete_events.as_str(),
             // The user's entries leave their queue rows, and rows left empty go.
             "WITH touched AS ( \
                  SELECT q.id, coalesce(jsonb_agg(e.entry) FILTER (WHERE e.entry->>'u' <> $1), \

@@ -18,7 +18,7 @@ pub mod webhooks;
 
 pub use buckets::{
     BackfillProgress, BucketLock, BucketSwitch, BucketVersion, BucketWork, CandidateClause,
-    SweepRun,
+    SweepPage, SweepRun,
 };
 pub use facts::{FactRequest, WindowEvents};
 pub use imports::{ImportCheckpoint, ImportFile, ImportProgress};
@@ -49,6 +49,19 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// A recursive CTE, `event_names(name)`, of every distinct event name (and a final `NULL`): a
+/// skip scan of `events (name, user_id, occurred_at)`, one index descent per name. Events are
+/// indexed name first, so a read of one user's events of every name probes each name's range:
+/// `WITH RECURSIVE {EVENT_NAMES} ... WHERE e.name = ANY({ALL_EVENT_NAMES}) AND e.user_id = ...`.
+const EVENT_NAMES: &str = "event_names(name) AS ( \
+    (SELECT name FROM events ORDER BY name LIMIT 1) \
+    UNION ALL \
+    SELECT (SELECT e.name FROM events e WHERE e.name > n.name ORDER BY e.name LIMIT 1) \
+    FROM event_names n WHERE n.name IS NOT NULL)";
+
+/// The names [`EVENT_NAMES`] found, as an array computed once per statement.
+const ALL_EVENT_NAMES: &str = "ARRAY(SELECT name FROM event_names WHERE name IS NOT NULL)";
 
 /// A handle on the membrane database. Cheap to clone.
 #[derive(Clone, Debug)]

@@ -3,7 +3,7 @@
 //! the engine's timer task claims the due ones. A row is only written by a round that holds the
 //! user's contact lock, so claiming a timer is locking its user.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
@@ -53,6 +53,25 @@ pub struct Arming<'a> {
 }
 
 impl Round {
+    /// The armed timers of those of `users` that have one in `bucket_id`, by user: one index
+    /// probe per user (a lateral `LIMIT`, as the other lookups here), whatever the statistics.
+    pub async fn armed_timers(
+        &mut self,
+        bucket_id: &str,
+        users: &[String],
+    ) -> Result<HashMap<String, DateTime<Utc>>> {
+        let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT u.user_id, t.due_at FROM unnest($2::text[]) AS u(user_id) \
+             CROSS JOIN LATERAL (SELECT due_at FROM timers \
+                 WHERE bucket_id = $1 AND user_id = u.user_id LIMIT 1) AS t",
+        )
+        .bind(bucket_id)
+        .bind(users)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// Sets the timer of each of `users` in `bucket_id` to the matching instant of `due`
     /// (`None`: no timer), in one statement, as `policy` says. When a timer is armed or moved
     /// to an instant before `notify_before`, the timer task is told on commit. Returns how
@@ -232,27 +251,43 @@ impl Round {
         if users.is_empty() {
             return Ok(HashSet::new());
         }
-        // Compared with the leave's own commit-side clock (`created_at`), as ingest stamps
-        // `received_at` and `updated_at` with the database's clock too.
-        let blocked: Vec<String> = sqlx::query_scalar(
-            "SELECT u.user_id FROM unnest($2::text[]) AS u(user_id) \
-             CROSS JOIN LATERAL ( \
-                 SELECT epoch FROM memberships m \
-                 WHERE m.bucket_id = $1 AND m.user_id = u.user_id \
-                 ORDER BY epoch DESC LIMIT 1) AS last \
-             JOIN transitions t ON t.key = 'bucket:' || $1 || ':' || u.user_id || ':left:' || last.epoch \
-             WHERE t.reason = 'max_dwell' \
-               AND NOT EXISTS (SELECT 1 FROM events e \
-                               WHERE e.user_id = u.user_id AND e.received_at > t.created_at) \
-               AND NOT EXISTS (SELECT 1 FROM contacts c \
-                               WHERE c.user_id = u.user_id AND c.updated_at > t.created_at)",
-        )
-        .bind(bucket_id)
-        .bind(users)
-        .fetch_all(&mut *self.tx)
-        .await?;
+        let sql = format!(
+            "WITH RECURSIVE {} SELECT u.user_id FROM unnest($2::text[]) AS u(user_id) WHERE {}",
+            crate::EVENT_NAMES,
+            rejoin_blocked("u.user_id")
+        );
+        let blocked: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(bucket_id)
+            .bind(users)
+            .fetch_all(&mut *self.tx)
+            .await?;
         Ok(blocked.into_iter().collect())
     }
+}
+
+/// A condition on `user` (an SQL expression) and bucket `$1`, for a statement that has
+/// [`crate::EVENT_NAMES`]: their last membership ended by `max_dwell`, and no event was received
+/// and no property changed since, so the clock alone must not bring them back. Compared with
+/// the leave's own commit-side clock (`created_at`), as ingest stamps `received_at` and
+/// `updated_at` with the database's clock too. The first probe is of `transitions_max_dwell`,
+/// which holds only max_dwell leaves: for anyone else the condition costs one index descent.
+/// (`OFFSET 0` keeps it a probe per user: as a `NOT EXISTS`, the planner made it an anti-join
+/// that sorted every candidate of the sweep for each page.)
+pub(crate) fn rejoin_blocked(user: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM transitions t \
+                 WHERE t.reason = 'max_dwell' AND t.bucket_id = $1 AND t.user_id = {user} \
+                   AND t.kind = 'left' \
+                   AND t.epoch = (SELECT max(l.epoch) FROM memberships l \
+                                  WHERE l.bucket_id = $1 AND l.user_id = {user}) \
+                   AND NOT EXISTS (SELECT 1 FROM events e \
+                                   WHERE e.name = ANY({}) AND e.user_id = {user} \
+                                     AND e.received_at > t.created_at) \
+                   AND NOT EXISTS (SELECT 1 FROM contacts c \
+                                   WHERE c.user_id = {user} AND c.updated_at > t.created_at) \
+                 OFFSET 0)",
+        crate::ALL_EVENT_NAMES
+    )
 }
 
 impl Store {
