@@ -459,7 +459,9 @@ fn next_instants(
 
 /// The users of `batch` whose evaluation at `now` would write anything: a join (unless the
 /// bucket never joins by the clock), a leave, a due `dwell` mark, or a timer to arm, move or
-/// remove. It only reads, and locks nothing: a sweep asks it of each page, and then evaluates
+/// remove. It reads the memberships and timers of the whole span from the first user to the
+/// last, so it suits users in user order, as a sweep's pages are. It only reads, and locks
+/// nothing: a sweep asks it of each page, and then evaluates
 /// just these users, locked, with [`evaluate_batches`], which decides again on what it reads
 /// then. A fault of the predicate is returned as [`EngineError::Predicate`].
 pub async fn users_to_change(
@@ -480,12 +482,15 @@ pub async fn users_to_change(
     else {
         return Ok(Vec::new());
     };
+    // Memberships and timers of the users' whole span, each one index range: a sweep's page
+    // is in user order, and the rows of users outside it are never looked up.
+    let (Some(first), Some(last)) = (batch.users.iter().min(), batch.users.iter().max()) else {
+        return Ok(Vec::new());
+    };
     let active = round
-        .active_members_of(&[(bucket.id(), batch.users)])
-        .await?
-        .pop()
-        .unwrap_or_default();
-    let armed = round.armed_timers(bucket.id(), batch.users).await?;
+        .active_members_between(bucket.id(), first, last)
+        .await?;
+    let armed = round.armed_timers_between(bucket.id(), first, last).await?;
     let verdicts = tokio::task::block_in_place(|| {
         bucket
             .predicate

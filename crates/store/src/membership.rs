@@ -101,6 +101,37 @@ impl Round {
         Ok(found.pop().expect("one map per bucket"))
     }
 
+    /// The active members of `bucket_id` from `first` to `last` (inclusive, in user order), by
+    /// user: one range of the active-member index. For a page of users in user order this
+    /// reads each index page once, where a probe per user descends the index for each.
+    pub async fn active_members_between(
+        &mut self,
+        bucket_id: &str,
+        first: &str,
+        last: &str,
+    ) -> Result<HashMap<String, ActiveMember>> {
+        let rows: Vec<(String, i32, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT user_id, epoch, entered_at FROM memberships \
+             WHERE bucket_id = $1 AND status = 'active' AND user_id BETWEEN $2 AND $3",
+        )
+        .bind(bucket_id)
+        .bind(first)
+        .bind(last)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(user_id, epoch, entered_at)| {
+                let member = ActiveMember {
+                    user_id: user_id.clone(),
+                    epoch,
+                    entered_at,
+                };
+                (user_id, member)
+            })
+            .collect())
+    }
+
     /// [`Round::active_members`] of several `(bucket, users)` pairs in one statement, one map
     /// per pair in order.
     pub async fn active_members_of(

@@ -53,20 +53,21 @@ pub struct Arming<'a> {
 }
 
 impl Round {
-    /// The armed timers of those of `users` that have one in `bucket_id`, by user: one index
-    /// probe per user (a lateral `LIMIT`, as the other lookups here), whatever the statistics.
-    pub async fn armed_timers(
+    /// The armed timers of `bucket_id` from user `first` to `last` (inclusive, in user order),
+    /// by user: one range of the primary key, read once for a page of users in user order.
+    pub async fn armed_timers_between(
         &mut self,
         bucket_id: &str,
-        users: &[String],
+        first: &str,
+        last: &str,
     ) -> Result<HashMap<String, DateTime<Utc>>> {
         let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT u.user_id, t.due_at FROM unnest($2::text[]) AS u(user_id) \
-             CROSS JOIN LATERAL (SELECT due_at FROM timers \
-                 WHERE bucket_id = $1 AND user_id = u.user_id LIMIT 1) AS t",
+            "SELECT user_id, due_at FROM timers \
+             WHERE bucket_id = $1 AND user_id BETWEEN $2 AND $3",
         )
         .bind(bucket_id)
-        .bind(users)
+        .bind(first)
+        .bind(last)
         .fetch_all(&mut *self.tx)
         .await?;
         Ok(rows.into_iter().collect())
