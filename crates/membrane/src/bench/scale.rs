@@ -140,7 +140,7 @@ async fn measure(store: &Store, buckets_dir: &Path, options: &ScaleOptions) -> R
         .await
         .context("cannot generate the population")?;
     println!(
-        "generated and analyzed in {:.1} s",
+        "generated, vacuumed and analyzed in {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
