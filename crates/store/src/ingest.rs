@@ -203,7 +203,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         // Only a property edit writes the contact row; those rows are locked first, in user
-        // order, because sweeps and backfills lock their pages in that order and an UPDATE's
+        // order, because sweeps and backfills lock their users in that order and an UPDATE's
         // own order could deadlock with them (real-time claims skip locked users and never
         // wait).
         let edited: Vec<(&str, &UserChange)> = changes
