@@ -461,9 +461,9 @@ fn next_instants(
 /// bucket never joins by the clock), a leave, a due `dwell` mark, or a timer to arm, move or
 /// remove. It reads the memberships and timers of the whole span from the first user to the
 /// last, so it suits users in user order, as a sweep's pages are. It only reads, and locks
-/// nothing: a sweep asks it of each page, and then evaluates
-/// just these users, locked, with [`evaluate_batches`], which decides again on what it reads
-/// then. A fault of the predicate is returned as [`EngineError::Predicate`].
+/// nothing: a sweep asks it of each page, then evaluates just these users, locked, with
+/// [`evaluate_batches`], which decides again on what it reads then. A fault of the predicate
+/// is returned as [`EngineError::Predicate`].
 pub async fn users_to_change(
     round: &mut Round,
     batch: &Batch<'_>,
