@@ -458,8 +458,8 @@ fn next_instants(
 }
 
 /// The users of `batch` whose evaluation at `now` would write anything: a join (unless the
-/// bucket never joins by the clock), a leave, a due `dwell` mark, or a timer to arm, move or
-/// remove. It reads the memberships and timers of the whole span from the first user to the
+/// bucket never joins by the clock), a leave, a due `dwell` mark not written yet, or a timer
+/// to arm, move or remove. It reads the memberships and timers of the whole span from the first user to the
 /// last, so it suits users in user order, as a sweep's pages are. It only reads, and locks
 /// nothing: a sweep asks it of each page, then evaluates just these users, locked, with
 /// [`evaluate_batches`], which decides again on what it reads then. A fault of the predicate
@@ -506,12 +506,15 @@ pub async fn users_to_change(
         refuse(batch, &mut decision, &refused);
     }
     let due = next_instants(batch, &decision, facts, window_events, now);
+    let unwritten_marks = round
+        .unwritten_dwell_marks(bucket.id(), &decision.marks)
+        .await?;
     let mut changing: HashSet<&str> = decision
         .joins
         .iter()
         .chain(decision.leaves.iter().map(|(user, _)| user))
         .chain(decision.expired.iter().map(|(user, _)| user))
-        .chain(decision.marks.iter().map(|mark| &mark.user_id))
+        .chain(&unwritten_marks)
         .map(String::as_str)
         .collect();
     // Compared in whole microseconds, as timestamptz stores them.

@@ -241,6 +241,63 @@ async fn sweeps_write_only_what_is_wrong() {
     engine.shutdown().await;
 }
 
+/// A member's past `dwell` marks are due at every evaluation, their keys making the second
+/// write a no-op: a sweep writes each mark once, and the next sweep, finding them written,
+/// locks no one.
+#[tokio::test(flavor = "multi_thread")]
+async fn sweeps_leave_written_dwell_marks_alone() {
+    let db = fresh_database().await.expect("a database");
+    let store = db.store.clone();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(
+        dir.path().join("visitors.toml"),
+        "criteria = 'event(\"visit\").exists()'\ndwell = [\"1s\"]\n",
+    )
+    .expect("bucket written");
+    let engine = start(&store, dir.path(), |c| {
+        c.sweep_interval = Duration::from_secs(3_600);
+        c.fire_timers = false;
+    })
+    .await;
+    let users: Vec<String> = (0..5).map(|n| format!("user-{n}")).collect();
+    for user in &users {
+        track(&store, user, "visit").await;
+    }
+    for user in &users {
+        let key = format!("bucket:visitors:{user}:entered:1");
+        wait_for(&store, &key, Duration::from_secs(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+    let sweep = || async {
+        engine
+            .sweep_now("visitors")
+            .await
+            .expect("the sweep runs")
+            .expect("no other engine sweeps")
+    };
+    let dwell_marks = || async {
+        transitions(&store)
+            .await
+            .into_iter()
+            .filter(|t| t.kind == "dwell")
+            .count()
+    };
+    let first = sweep().await;
+    assert_eq!(first.checked, users.len() as i64);
+    assert_eq!(dwell_marks().await, users.len());
+    let locks = contact_locks(&store).await;
+    let second = sweep().await;
+    assert_eq!(second.checked, users.len() as i64);
+    assert_eq!(dwell_marks().await, users.len());
+    assert_eq!(
+        contact_locks(&store).await,
+        locks,
+        "the second sweep locked users"
+    );
+    engine.shutdown().await;
+}
+
 /// Two engines sweep the same buckets every 100 ms: the advisory lock lets only one sweep a
 /// bucket at a time, so no two recorded sweeps of one bucket overlap.
 #[tokio::test(flavor = "multi_thread")]

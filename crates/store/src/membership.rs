@@ -2,7 +2,7 @@
 //! flips the active row with a compare-and-swap; each emitted transition is inserted in the same
 //! statement under its unique key, so retries and racing writers neither lose nor duplicate one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
@@ -398,6 +398,37 @@ impl Round {
             }
         }
         Ok(outcomes)
+    }
+
+    /// The users of `due` with a mark not written yet: the marks of a member's past instants
+    /// are due at every evaluation, and their keys make all but the first write nothing. One
+    /// probe of the key index per mark.
+    pub async fn unwritten_dwell_marks(
+        &mut self,
+        bucket_id: &str,
+        due: &[DwellDue],
+    ) -> Result<HashSet<String>> {
+        if due.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let users: Vec<&str> = due.iter().map(|d| d.user_id.as_str()).collect();
+        let epochs: Vec<i32> = due.iter().map(|d| d.epoch).collect();
+        let labels: Vec<&str> = due.iter().map(|d| d.label.as_str()).collect();
+        let unwritten: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT d.user_id \
+             FROM unnest($2::text[], $3::int[], $4::text[]) AS d(user_id, epoch, label) \
+             WHERE NOT EXISTS (SELECT 1 FROM transitions t \
+                 WHERE t.key = 'bucket:' || $1 || ':' || d.user_id || ':dwell:' || d.epoch \
+                               || ':' || d.label \
+                 OFFSET 0)",
+        )
+        .bind(bucket_id)
+        .bind(&users)
+        .bind(&epochs)
+        .bind(&labels)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(unwritten.into_iter().collect())
     }
 
     /// Writes the `dwell` transitions in `due`, each only while its membership is still active
