@@ -6,6 +6,8 @@
 //! The default run checks `DEFAULT_CASES` random batches; run longer with e.g.
 //! `PROPTEST_CASES=5000 cargo test -p membrane-store --test facts_oracle`.
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
@@ -14,7 +16,7 @@ use membrane_criteria::eval::{gather_from_raw, RawEvent};
 use membrane_store::testing::fresh_database;
 use membrane_store::{FactRequest, Store};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::{Map, Value};
 
 const DEFAULT_CASES: u32 = 2_000;
@@ -368,27 +370,9 @@ async fn check(store: &Store, case: &Case) -> Result<(), TestCaseError> {
 
 #[test]
 fn gathered_facts_equal_the_oracle() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let database = runtime
-        .block_on(fresh_database())
-        .expect("a fresh test database");
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .unwrap_or(DEFAULT_CASES);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        ..Config::default()
+    common::check_cases(DEFAULT_CASES, case(), |store, case| async move {
+        check(&store, &case).await
     });
-    let outcome = runner.run(&case(), |case| {
-        runtime.block_on(check(&database.store, &case))
-    });
-    if let Err(failure) = outcome {
-        panic!("{failure}");
-    }
 }
 
 /// A hand-checked batch: window edges at millisecond precision with a sub-millisecond `now`,

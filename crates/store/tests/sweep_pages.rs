@@ -6,12 +6,13 @@
 //! The default run checks `DEFAULT_CASES` random worlds; run longer with e.g.
 //! `PROPTEST_CASES=2000 cargo test -p membrane-store --test sweep_pages`.
 
+mod common;
+
 use std::collections::BTreeSet;
 
-use membrane_store::testing::fresh_database;
 use membrane_store::{CandidateClause, Store};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::{Map, Value};
 
 const DEFAULT_CASES: u32 = 150;
@@ -209,25 +210,7 @@ async fn check(store: &Store, case: &Case) -> Result<(), TestCaseError> {
 
 #[test]
 fn sweep_pages_hold_members_and_exactly_the_candidates() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let database = runtime
-        .block_on(fresh_database())
-        .expect("a fresh test database");
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .unwrap_or(DEFAULT_CASES);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        ..Config::default()
+    common::check_cases(DEFAULT_CASES, case(), |store, case| async move {
+        check(&store, &case).await
     });
-    let outcome = runner.run(&case(), |case| {
-        runtime.block_on(check(&database.store, &case))
-    });
-    if let Err(failure) = outcome {
-        panic!("{failure}");
-    }
 }

@@ -7,6 +7,8 @@
 //!
 //! Run longer with e.g. `PROPTEST_CASES=5000 cargo test -p membrane-store --test timed_oracle`.
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
@@ -16,7 +18,7 @@ use membrane_criteria::eval::RawEvent;
 use membrane_store::testing::fresh_database;
 use membrane_store::{FactRequest, Store};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::{Map, Value};
 
 const DEFAULT_CASES: u32 = 500;
@@ -223,27 +225,9 @@ async fn check(store: &Store, case: &Case) -> Result<(), TestCaseError> {
 
 #[test]
 fn window_events_equal_the_oracle() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let database = runtime
-        .block_on(fresh_database())
-        .expect("a fresh test database");
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .unwrap_or(DEFAULT_CASES);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        ..Config::default()
+    common::check_cases(DEFAULT_CASES, case(), |store, case| async move {
+        check(&store, &case).await
     });
-    let outcome = runner.run(&case(), |case| {
-        runtime.block_on(check(&database.store, &case))
-    });
-    if let Err(failure) = outcome {
-        panic!("{failure}");
-    }
 }
 
 /// A hand-checked batch: the edge of a 1 s window at sub-millisecond `now`, a filter, an
