@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::{Stream, StreamExt};
 use membrane_abi::Fact;
 use membrane_criteria::bucket::BucketBody;
 use membrane_store::{
@@ -357,55 +358,27 @@ pub(crate) async fn sweep_now(
 /// page is evaluated without locks ([`users_to_change`]), and only the users whose evaluation
 /// would write anything are then locked and evaluated again, in a round of their own. Most of
 /// a sweep finds nothing to do, and locking a row writes it: at 1M users, locking every page
-/// and re-arming every timer was a quarter of a sweep's time.
+/// and re-arming every timer was a quarter of a sweep's time. Up to `sweep_workers` pages are
+/// checked at once, each on its own connection (pages hold disjoint users): while Postgres
+/// reads one page's facts, the engine evaluates another's.
 async fn sweep_locked(
     shared: &Shared,
     bucket: &Arc<LoadedBucket>,
 ) -> Result<SweepRun, EngineError> {
-    let store = &shared.store;
     let started_at = Utc::now();
     let (mut checked, mut joined, mut left) = (0, 0, 0);
-    let mut pages = SweepPages::new(bucket, shared.config.page_size);
-    while let Some(page) = pages.next(store).await? {
-        let mut reading = store.begin_round().await?;
-        if !reading.still_serving(bucket.id(), &bucket.hash).await? {
+    let pages = SweepPages::new(bucket, shared.config.page_size)
+        .into_stream(&shared.store)
+        .map(|page| async move { sweep_page(shared, bucket, page?).await })
+        .buffer_unordered(shared.config.sweep_workers.max(1));
+    let mut pages = std::pin::pin!(pages);
+    while let Some(page) = pages.next().await {
+        let Some(swept) = page? else {
             break; // disabled, removed or replaced since the sweep began
-        }
-        let batch = Batch {
-            bucket,
-            users: &page,
-            recording: Recording::live(bucket, Source::Sweep),
         };
-        let changing = match users_to_change(&mut reading, &batch, Utc::now()).await {
-            Ok(users) => users,
-            // The locked evaluation meets the fault again and quarantines the version.
-            Err(EngineError::Predicate { .. }) => page.clone(),
-            Err(other) => return Err(other),
-        };
-        drop(reading);
-        checked += page.len() as i64;
-        shared.stats.evaluations.inc_by(page.len() as u64);
-        if changing.is_empty() {
-            continue;
-        }
-        let mut round = store.begin_round().await?;
-        round.lock_users(&changing).await?;
-        if !round.still_serving(bucket.id(), &bucket.hash).await? {
-            break;
-        }
-        let outcome = evaluate_serving(
-            shared,
-            &mut round,
-            bucket.clone(),
-            &changing,
-            Utc::now(),
-            |b| Recording::live(b, Source::Sweep),
-        )
-        .await?;
-        round.commit().await?;
-        count_found_work(shared, &outcome);
-        joined += outcome.joined.memberships;
-        left += outcome.left.memberships;
+        checked += swept.checked;
+        joined += swept.joined;
+        left += swept.left;
     }
     shared.stats.sweeps.inc();
     let run = SweepRun {
@@ -417,8 +390,69 @@ async fn sweep_locked(
         joined,
         left_count: left,
     };
-    store.record_sweep(&run).await?;
+    shared.store.record_sweep(&run).await?;
     Ok(run)
+}
+
+/// What a sweep did on one page.
+struct PageSwept {
+    checked: i64,
+    joined: i64,
+    left: i64,
+}
+
+/// Checks one page of a sweep, and writes what its users need; `None` when the bucket no longer
+/// serves this version.
+async fn sweep_page(
+    shared: &Shared,
+    bucket: &Arc<LoadedBucket>,
+    page: Vec<String>,
+) -> Result<Option<PageSwept>, EngineError> {
+    let store = &shared.store;
+    let mut reading = store.begin_round().await?;
+    if !reading.still_serving(bucket.id(), &bucket.hash).await? {
+        return Ok(None);
+    }
+    let batch = Batch {
+        bucket,
+        users: &page,
+        recording: Recording::live(bucket, Source::Sweep),
+    };
+    let changing = match users_to_change(&mut reading, &batch, Utc::now()).await {
+        Ok(users) => users,
+        // The locked evaluation meets the fault again and quarantines the version.
+        Err(EngineError::Predicate { .. }) => page.clone(),
+        Err(other) => return Err(other),
+    };
+    drop(reading);
+    shared.stats.evaluations.inc_by(page.len() as u64);
+    let mut swept = PageSwept {
+        checked: page.len() as i64,
+        joined: 0,
+        left: 0,
+    };
+    if changing.is_empty() {
+        return Ok(Some(swept));
+    }
+    let mut round = store.begin_round().await?;
+    round.lock_users(&changing).await?;
+    if !round.still_serving(bucket.id(), &bucket.hash).await? {
+        return Ok(None);
+    }
+    let outcome = evaluate_serving(
+        shared,
+        &mut round,
+        bucket.clone(),
+        &changing,
+        Utc::now(),
+        |b| Recording::live(b, Source::Sweep),
+    )
+    .await?;
+    round.commit().await?;
+    count_found_work(shared, &outcome);
+    swept.joined = outcome.joined.memberships;
+    swept.left = outcome.left.memberships;
+    Ok(Some(swept))
 }
 
 /// The users a sweep of one bucket re-checks, page by page in user order: its members, and for
@@ -441,6 +475,16 @@ impl<'a> SweepPages<'a> {
             after: Some(String::new()),
             page_size,
         }
+    }
+
+    /// The pages, one after another, as a stream.
+    pub fn into_stream(
+        self,
+        store: &'a Store,
+    ) -> impl Stream<Item = Result<Vec<String>, StoreError>> + 'a {
+        futures::stream::try_unfold(self, move |mut pages| async move {
+            Ok(pages.next(store).await?.map(|page| (page, pages)))
+        })
     }
 
     /// The next page; `None` after the last.

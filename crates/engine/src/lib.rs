@@ -61,6 +61,9 @@ pub struct EngineConfig {
     pub realtime_workers: usize,
     /// Users per set-based page of sweeps and backfills.
     pub page_size: i64,
+    /// Pages of one sweep checked at once, each on its own connection: while Postgres reads
+    /// one page's facts, the engine evaluates another's.
+    pub sweep_workers: usize,
     /// Poll interval of the queue when no notification arrives.
     pub poll_interval: Duration,
     /// Whether this engine fires due timers. Every engine arms them; with this off (say, for
@@ -79,6 +82,7 @@ impl EngineConfig {
             batch_size: 2_000,
             realtime_workers: 2,
             page_size: 2_000,
+            sweep_workers: 2,
             poll_interval: Duration::from_millis(250),
             fire_timers: true,
             wasm_limits: membrane_wasm::Limits::default(),

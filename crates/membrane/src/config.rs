@@ -8,6 +8,7 @@
 //! sweep_interval = "60s"        # or a number of seconds: 0.5
 //! round_size = 2000             # users claimed per real-time round
 //! realtime_workers = 2          # real-time rounds at once
+//! sweep_workers = 2             # pages of one sweep checked at once
 //! write_keys = ["wk_live_1"]
 //! read_tokens = ["rt_live_1"]
 //! log_format = "json"           # human | json
@@ -44,6 +45,7 @@ const TOP_KEYS: &[&str] = &[
     "sweep_interval",
     "round_size",
     "realtime_workers",
+    "sweep_workers",
     "write_keys",
     "read_tokens",
     "log_format",
@@ -76,6 +78,7 @@ pub struct FileConfig {
     pub sweep_interval: Option<Duration>,
     pub round_size: Option<u32>,
     pub realtime_workers: Option<usize>,
+    pub sweep_workers: Option<usize>,
     pub write_keys: Option<Vec<String>>,
     pub read_tokens: Option<Vec<String>>,
     pub log_format: Option<LogFormat>,
@@ -283,6 +286,7 @@ buckets = "segments"
 sweep_interval = 0.5
 round_size = 500
 realtime_workers = 3
+sweep_workers = 4
 write_keys = ["w1", "w2"]
 read_tokens = ["r1"]
 log_format = "json"
@@ -306,6 +310,7 @@ backoff_max = "2m"
         assert_eq!(config.sweep_interval, Some(Duration::from_millis(500)));
         assert_eq!(config.round_size, Some(500));
         assert_eq!(config.realtime_workers, Some(3));
+        assert_eq!(config.sweep_workers, Some(4));
         assert_eq!(config.write_keys, Some(vec!["w1".into(), "w2".into()]));
         assert_eq!(config.log_format, Some(LogFormat::Json));
         assert_eq!(

@@ -27,6 +27,9 @@ pub struct EngineArgs {
     /// Real-time rounds run at once, each on its own connection [default: 2].
     #[arg(long, env = "MEMBRANE_REALTIME_WORKERS")]
     pub realtime_workers: Option<usize>,
+    /// Pages of one sweep checked at once, each on its own connection [default: 2].
+    #[arg(long, env = "MEMBRANE_SWEEP_WORKERS")]
+    pub sweep_workers: Option<usize>,
     /// Address of the HTTP API (port 0 picks a free port; the address is printed)
     /// [default: 127.0.0.1:8080].
     #[arg(long, env = "MEMBRANE_LISTEN")]
@@ -46,6 +49,7 @@ pub struct RunSettings {
     pub sweep_interval: Duration,
     pub round_size: Option<u32>,
     pub realtime_workers: Option<usize>,
+    pub sweep_workers: Option<usize>,
     pub listen: SocketAddr,
     pub write_keys: Vec<String>,
     pub read_tokens: Vec<String>,
@@ -76,6 +80,7 @@ impl EngineArgs {
                 .unwrap_or(Duration::from_secs(60)),
             round_size: self.round_size.or(file.round_size),
             realtime_workers: self.realtime_workers.or(file.realtime_workers),
+            sweep_workers: self.sweep_workers.or(file.sweep_workers),
             listen: self
                 .listen
                 .or(file.listen)
@@ -98,6 +103,9 @@ pub async fn serve(store: Store, args: RunSettings, console: bool) -> Result<()>
     let mut config = EngineConfig::new(args.buckets.clone());
     config.sweep_interval = args.sweep_interval.max(Duration::from_millis(50));
     config.set_realtime(args.round_size, args.realtime_workers);
+    if let Some(workers) = args.sweep_workers {
+        config.sweep_workers = workers.max(1);
+    }
     config.webhooks = args.webhooks.clone();
     let engine = membrane_engine::start(store.clone(), config)
         .await
