@@ -8,8 +8,16 @@ use crate::ast::{CmpOp, EventTest, Expr, Leaf, PropTest, Span};
 use crate::eval;
 use membrane_abi::{EventFilter, Fact, FactManifest, FactValue, PropertyTest};
 
-/// Facts (indices into [`Plan::facts`]) of which a user must have at least one.
-pub type Clause = BTreeSet<usize>;
+/// Requirements of which a user must meet at least one.
+pub type Clause = BTreeSet<Requirement>;
+
+/// A fact (an index into [`Plan::facts`]) that is not blank: a property that is present, or an
+/// event count of at least `at_least` (1 or more; 1 for properties).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Requirement {
+    pub fact: usize,
+    pub at_least: i64,
+}
 
 /// How many clauses [`Plan::required_facts`] keeps: an `or` multiplies them, and dropping some
 /// only makes the requirement weaker, never wrong.
@@ -70,9 +78,10 @@ impl Plan {
         FactManifest::new(self.facts.clone())
     }
 
-    /// What a user needs to satisfy this plan: in every clause, at least one fact that is not
-    /// blank for them (an event of its name, or its property key). Sweeps look for candidates
-    /// this way, so a user holding only facts the criteria cannot be true without is skipped.
+    /// What a user needs to satisfy this plan: in every clause, at least one requirement met (a
+    /// count of at least so many events, or a property key present). Sweeps look for
+    /// candidates this way, so a user holding only facts the criteria cannot be true without
+    /// is skipped.
     /// Empty when the structure proves nothing; validation still guarantees that a user with
     /// none of [`Plan::facts`] fails.
     pub fn required_facts(&self) -> Vec<Clause> {
@@ -108,12 +117,34 @@ fn required(node: &Node, truth: bool, blank: &[FactValue]) -> Vec<Clause> {
             // A leaf reads one fact: if it has another value when that fact is blank, the
             // fact cannot be blank.
             if eval::evaluate_node(node, blank, 0) == truth {
-                Vec::new()
-            } else {
-                vec![Clause::from([*fact])]
+                return Vec::new();
             }
+            let at_least = match node {
+                Node::Count { value, .. } => least_count(node, *fact, *value, truth, blank),
+                _ => 1,
+            };
+            vec![Clause::from([Requirement {
+                fact: *fact,
+                at_least,
+            }])]
         }
     }
+}
+
+/// The least count (1 or more) at which the count leaf `node`, comparing fact `fact` with
+/// `value`, evaluates to `truth`. A comparison with one literal only changes value at 1,
+/// `value` and `value + 1`, so the least is one of those.
+fn least_count(node: &Node, fact: usize, value: i64, truth: bool, blank: &[FactValue]) -> i64 {
+    let mut facts = blank.to_vec();
+    [1, value, value.saturating_add(1)]
+        .into_iter()
+        .filter(|&count| count >= 1)
+        .filter(|&count| {
+            facts[fact] = FactValue::Count(count);
+            eval::evaluate_node(node, &facts, 0) == truth
+        })
+        .min()
+        .unwrap_or(1)
 }
 
 fn all_of(items: &[Node], truth: bool, blank: &[FactValue]) -> Vec<Clause> {
@@ -240,7 +271,8 @@ mod tests {
     use super::*;
     use crate::parser::parse_criteria;
 
-    /// Names the facts of each required clause, e.g. `["checkout"]` or `["plan", "visit"]`.
+    /// Names the requirements of each required clause, e.g. `["checkout>=2"]` or
+    /// `["plan", "visit>=1"]`.
     fn required_names(criteria: &str) -> Vec<Vec<String>> {
         let expr = parse_criteria(criteria).expect("criteria parse");
         let plan = Plan::new(&expr).expect("criteria lower");
@@ -249,8 +281,10 @@ mod tests {
             .map(|clause| {
                 clause
                     .into_iter()
-                    .map(|index| match &plan.facts[index] {
-                        Fact::EventCount { event, .. } => event.clone(),
+                    .map(|requirement| match &plan.facts[requirement.fact] {
+                        Fact::EventCount { event, .. } => {
+                            format!("{event}>={}", requirement.at_least)
+                        }
                         Fact::Property { key } | Fact::PropertyTime { key } => key.clone(),
                     })
                     .collect()
@@ -264,11 +298,11 @@ mod tests {
             required_names(
                 r#"event("checkout").within(30d).count() >= 2 and (prop("plan") != "free" or event("support").within(7d).not_exists())"#
             ),
-            [["checkout"]]
+            [["checkout>=2"]]
         );
         assert_eq!(
             required_names(r#"prop("plan") == "pro" and event("visit").exists()"#),
-            [vec!["plan"], vec!["visit"]]
+            [vec!["plan"], vec!["visit>=1"]]
         );
     }
 
@@ -276,11 +310,78 @@ mod tests {
     fn a_disjunction_needs_a_fact_of_either_side() {
         assert_eq!(
             required_names(r#"event("a").exists() or (prop("b") == 1 and event("c").count() > 2)"#),
-            [vec!["a", "b"], vec!["a", "c"]]
+            [vec!["a>=1", "b"], vec!["a>=1", "c>=3"]]
         );
         assert_eq!(
             required_names(r#"not (event("a").not_exists() or prop("b") != 1)"#),
-            [vec!["a"], vec!["b"]]
+            [vec!["a>=1"], vec!["b"]]
+        );
+    }
+
+    /// Every comparison, either way up, against a count searched from 0 to 12.
+    #[test]
+    fn a_count_requirement_is_the_least_count_that_satisfies() {
+        let facts = vec![Fact::EventCount {
+            event: "a".into(),
+            within_secs: None,
+            filter: None,
+        }];
+        let ops = [
+            CmpOp::Eq,
+            CmpOp::Ne,
+            CmpOp::Lt,
+            CmpOp::Le,
+            CmpOp::Gt,
+            CmpOp::Ge,
+        ];
+        for op in ops {
+            for value in -1..=5 {
+                for negated in [false, true] {
+                    let leaf = Node::Count { fact: 0, op, value };
+                    let root = if negated {
+                        Node::Not(Box::new(leaf))
+                    } else {
+                        leaf
+                    };
+                    let satisfied: Vec<i64> = (0..=12)
+                        .filter(|&count| eval::evaluate_node(&root, &[FactValue::Count(count)], 0))
+                        .collect();
+                    let plan = Plan {
+                        facts: facts.clone(),
+                        root,
+                        time_based: false,
+                    };
+                    let required = plan.required_facts();
+                    let case = format!("{op:?} {value}, negated: {negated}");
+                    match satisfied.first() {
+                        Some(0) => assert!(required.is_empty(), "{case}: {required:?}"),
+                        Some(&least) => assert_eq!(
+                            required,
+                            [Clause::from([Requirement {
+                                fact: 0,
+                                at_least: least
+                            }])],
+                            "{case}"
+                        ),
+                        None => assert!(
+                            required.iter().flatten().all(|r| r.at_least >= 1),
+                            "{case}: {required:?}"
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_count_needs_the_least_number_that_can_satisfy_it() {
+        assert_eq!(
+            required_names(r#"event("a").count() == 4 and not (event("b").count() <= 2)"#),
+            [vec!["a>=4"], vec!["b>=3"]]
+        );
+        assert_eq!(
+            required_names(r#"event("a").count() != 0 and not (event("b").count() != 1)"#),
+            [vec!["a>=1"], vec!["b>=1"]]
         );
     }
 

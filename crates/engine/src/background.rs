@@ -10,8 +10,8 @@ use futures::{Stream, StreamExt};
 use membrane_abi::Fact;
 use membrane_criteria::bucket::BucketBody;
 use membrane_store::{
-    BucketSwitch, BucketWork, CandidateClause, EntryRule, HotTable, Round, Source, Store,
-    StoreError, SweepPage, SweepRun, QUEUE_CHANNEL,
+    BucketSwitch, BucketWork, CandidateClause, EntryRule, EventRequirement, HotTable, Round,
+    Source, Store, StoreError, SweepPage, SweepRun, QUEUE_CHANNEL,
 };
 use tokio::sync::watch;
 
@@ -494,7 +494,7 @@ impl<'a> SweepPages<'a> {
             let page = match &self.candidates {
                 Some(clauses) => {
                     store
-                        .sweep_page(id, clauses, &after, self.page_size)
+                        .sweep_page(id, clauses, &after, self.page_size, Utc::now())
                         .await?
                 }
                 None => {
@@ -516,30 +516,48 @@ impl<'a> SweepPages<'a> {
 /// plugin, or criteria whose structure proves nothing) any fact it reads, since criteria are
 /// false for a blank user.
 fn candidate_clauses(bucket: &LoadedBucket) -> Vec<CandidateClause> {
-    let required: Vec<Vec<&Fact>> = match &bucket.def.body {
+    let required: Vec<Vec<(&Fact, i64)>> = match &bucket.def.body {
         BucketBody::Criteria { plan, .. } => plan
             .required_facts()
             .into_iter()
-            .map(|clause| clause.into_iter().map(|index| &plan.facts[index]).collect())
+            .map(|clause| {
+                clause
+                    .into_iter()
+                    .map(|requirement| (&plan.facts[requirement.fact], requirement.at_least))
+                    .collect()
+            })
             .collect(),
         BucketBody::Plugin { .. } => Vec::new(),
     };
     if required.is_empty() {
-        return vec![clause_of(&bucket.facts.iter().collect::<Vec<_>>())];
+        let any_fact: Vec<(&Fact, i64)> = bucket.facts.iter().map(|fact| (fact, 1)).collect();
+        return vec![clause_of(&any_fact)];
     }
     required.iter().map(|facts| clause_of(facts)).collect()
 }
 
-/// The event names and property keys of `facts`.
-fn clause_of(facts: &[&Fact]) -> CandidateClause {
+/// The event requirements and property keys of `facts`, each with the least count it needs.
+fn clause_of(facts: &[(&Fact, i64)]) -> CandidateClause {
     let mut clause = CandidateClause::default();
-    for fact in facts {
-        let (list, name) = match fact {
-            Fact::EventCount { event, .. } => (&mut clause.events, event),
-            Fact::Property { key } | Fact::PropertyTime { key } => (&mut clause.keys, key),
-        };
-        if !list.contains(name) {
-            list.push(name.clone());
+    for &(fact, at_least) in facts {
+        match fact {
+            Fact::EventCount {
+                event, within_secs, ..
+            } => {
+                let requirement = EventRequirement {
+                    name: event.clone(),
+                    within_secs: *within_secs,
+                    at_least,
+                };
+                if !clause.events.contains(&requirement) {
+                    clause.events.push(requirement);
+                }
+            }
+            Fact::Property { key } | Fact::PropertyTime { key } => {
+                if !clause.keys.contains(key) {
+                    clause.keys.push(key.clone());
+                }
+            }
         }
     }
     clause

@@ -123,20 +123,25 @@ impl Store {
     }
 
     /// The next page of a sweep that also re-checks candidates: users after `after`, in user
-    /// order, `limit` at most, that are active members of `bucket_id` or hold, for each of
-    /// `clauses`, an event named in it or a property key in it; and where the next page starts
-    /// (`None`: this was the last). A page may be short, or even empty, with more to come.
+    /// order, `limit` at most, that are active members of `bucket_id` or meet, for each of
+    /// `clauses`, one of its requirements; and where the next page starts (`None`: this was
+    /// the last). A page may be short, or even empty, with more to come. Windows of event
+    /// requirements end at `now`, the earliest instant the page's users are evaluated at: an
+    /// event count in a window only falls as time passes (events already dated ahead count
+    /// now), so whoever is short of one now stays short without a new event.
     ///
     /// This is exact for candidates when the clauses are ones the criteria cannot be true
     /// without (`Plan::required_facts`, or one clause of every fact the criteria read: they
     /// are false for a blank user). Candidates come from one clause, preferably one of events
-    /// alone, in sources read in user order, each `limit` users at most: per event name, its
-    /// range of `events (name, user_id, ...)`, and for property keys a keyset walk of
+    /// alone, in sources read in user order, each `limit` users at most: per event
+    /// requirement, its range of `events (name, user_id, occurred_at)` grouped by user, and
+    /// for property keys a keyset walk of
     /// `contacts`. So a page reads only users holding such an event (at 1M users, finding the
     /// 154k who hold one took 0.9–1.1 s where walking every contact with a probe each took
     /// 6.6–7.0 s on the same host).
     /// A page ends where the first source that stopped at `limit` ends, as past there it
-    /// does not know every user; the other clauses are index probes per candidate. A user
+    /// does not know every user; the other clauses are index probes per candidate, reading
+    /// up to each requirement's least count of events. A user
     /// whose last membership ended by `max_dwell` is left out unless an event or property
     /// change arrived after that leave: the clock alone never re-admits them.
     pub async fn sweep_page(
@@ -145,9 +150,17 @@ impl Store {
         clauses: &[CandidateClause],
         after: &str,
         limit: i64,
+        now: DateTime<Utc>,
     ) -> Result<SweepPage> {
-        // Parameters: $1 bucket, $2 cursor, $3 limit, then each clause's names and keys.
-        let (events_of, keys_of) = (|i: usize| 4 + 2 * i, |i: usize| 5 + 2 * i);
+        // Parameters: $1 bucket, $2 cursor, $3 limit, then each clause's event names, window
+        // starts and least counts (one element per requirement), and its keys.
+        let param = |i: usize, k: usize| 4 + 4 * i + k;
+        let (events_of, since_of, least_of, keys_of) = (
+            |i: usize| param(i, 0),
+            |i: usize| param(i, 1),
+            |i: usize| param(i, 2),
+            |i: usize| param(i, 3),
+        );
         let driving = clauses
             .iter()
             .position(|clause| clause.keys.is_empty())
@@ -158,10 +171,14 @@ impl Store {
                 let mut sources: Vec<String> = (1..=clauses[i].events.len())
                     .map(|n| {
                         format!(
-                            "SELECT DISTINCT user_id FROM events \
+                            "SELECT user_id FROM events \
                              WHERE name = (${}::text[])[{n}] AND user_id > $2 \
+                               AND occurred_at >= (${}::timestamptz[])[{n}] \
+                             GROUP BY user_id HAVING count(*) >= (${}::int8[])[{n}] \
                              ORDER BY user_id LIMIT $3",
-                            events_of(i)
+                            events_of(i),
+                            since_of(i),
+                            least_of(i)
                         )
                     })
                     .collect();
@@ -193,10 +210,17 @@ impl Store {
                 ));
             }
             if !clause.events.is_empty() {
+                // Per requirement, at most its least count of events is read.
                 either.push(format!(
-                    "EXISTS (SELECT 1 FROM events e \
-                             WHERE e.name = ANY(${}) AND e.user_id = d.user_id OFFSET 0)",
-                    events_of(i)
+                    "EXISTS (SELECT 1 FROM unnest(${}::text[], ${}::timestamptz[], ${}::int8[]) \
+                                 AS r(name, since, least) \
+                             WHERE (SELECT count(*) FROM (SELECT 1 FROM events e \
+                                        WHERE e.name = r.name AND e.user_id = d.user_id \
+                                          AND e.occurred_at >= r.since LIMIT r.least) AS x) \
+                                   >= r.least)",
+                    events_of(i),
+                    since_of(i),
+                    least_of(i)
                 ));
             }
             if either.is_empty() {
@@ -246,9 +270,19 @@ impl Store {
             stops.join(", "),
             holds.join(" AND ")
         );
+        // Whole milliseconds, as fact gathering truncates `now`: no later evaluation's window
+        // starts before this one.
+        let now_ms = now.timestamp_millis();
         let mut query = sqlx::query_as(&sql).bind(bucket_id).bind(after).bind(limit);
         for clause in clauses {
-            query = query.bind(&clause.events).bind(&clause.keys);
+            let names: Vec<&str> = clause.events.iter().map(|e| e.name.as_str()).collect();
+            let since: Vec<DateTime<Utc>> = clause
+                .events
+                .iter()
+                .map(|event| window_start(now_ms, event.within_secs))
+                .collect();
+            let least: Vec<i64> = clause.events.iter().map(|e| e.at_least).collect();
+            query = query.bind(names).bind(since).bind(least).bind(&clause.keys);
         }
         let (users, bound): (Vec<String>, Option<String>) = query.fetch_one(self.pool()).await?;
         let next = match users.last() {
@@ -371,12 +405,32 @@ pub struct SweepPage {
     pub next: Option<String>,
 }
 
-/// Facts of which a sweep candidate must hold at least one: an event of one of these names, or
-/// a property of one of these keys.
+/// What a sweep candidate must meet at least one of: an event requirement, or a property of one
+/// of these keys.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CandidateClause {
-    pub events: Vec<String>,
+    pub events: Vec<EventRequirement>,
     pub keys: Vec<String>,
+}
+
+/// At least `at_least` events named `name`; with `within_secs`, of those that occurred in that
+/// window before the sweep's `now`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRequirement {
+    pub name: String,
+    pub within_secs: Option<u64>,
+    pub at_least: i64,
+}
+
+/// The start of a window of `within_secs` ending at `now_ms`; without a window, or one reaching
+/// past every storable instant, Postgres's earliest instant.
+fn window_start(now_ms: i64, within_secs: Option<u64>) -> DateTime<Utc> {
+    within_secs
+        .and_then(|secs| crate::facts::window_start(now_ms, secs))
+        .unwrap_or_else(|| {
+            DateTime::from_timestamp_millis(crate::facts::EARLIEST_POSTGRES_TIME_MS)
+                .expect("Postgres's earliest instant is within chrono's range")
+        })
 }
 
 /// One completed sweep of one bucket.

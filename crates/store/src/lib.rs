@@ -18,7 +18,7 @@ pub mod webhooks;
 
 pub use buckets::{
     BackfillProgress, BucketLock, BucketSwitch, BucketVersion, BucketWork, CandidateClause,
-    SweepPage, SweepRun,
+    EventRequirement, SweepPage, SweepRun,
 };
 pub use facts::{FactRequest, WindowEvents};
 pub use imports::{ImportCheckpoint, ImportFile, ImportProgress};

@@ -1,7 +1,8 @@
 //! The pages of a sweep against an oracle: random contacts, events, memberships and max_dwell
 //! leaves go into a real database, and walking `Store::sweep_page` page by page must yield
-//! exactly, in user order, the bucket's active members and the users holding every clause
-//! (an event named in it, or a property key in it), less those the clock must not re-admit.
+//! exactly, in user order, the bucket's active members and the users meeting every clause
+//! (enough events of a name in it, in its window when it has one, or a property key in it),
+//! less those the clock must not re-admit.
 //!
 //! The default run checks `DEFAULT_CASES` random worlds; run longer with e.g.
 //! `PROPTEST_CASES=2000 cargo test -p membrane-store --test sweep_pages`.
@@ -10,7 +11,8 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use membrane_store::{CandidateClause, Store};
+use chrono::Utc;
+use membrane_store::{CandidateClause, EventRequirement, Store};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{Map, Value};
@@ -19,11 +21,16 @@ const DEFAULT_CASES: u32 = 150;
 const BUCKET: &str = "b";
 const NAMES: [&str; 3] = ["a", "b", "c"];
 const KEYS: [&str; 2] = ["k", "it's"];
+/// How long ago events occurred, in hours, and the window of windowed requirements: some
+/// events fall inside it, some outside.
+const AGES_HOURS: [i32; 3] = [1, 24, 72];
+const WINDOW_SECS: u64 = 2 * 86_400;
 
 #[derive(Debug, Clone)]
 struct User {
     keys: Vec<&'static str>,
-    events: Vec<&'static str>,
+    /// Names, and how many hours ago each occurred.
+    events: Vec<(&'static str, i32)>,
     member: bool,
     /// Left by max_dwell as their last membership; `true` when something arrived since (an
     /// event received or a property changed after the leave).
@@ -44,7 +51,13 @@ fn some_of<T: Clone + std::fmt::Debug>(items: &'static [T]) -> impl Strategy<Val
 fn user() -> impl Strategy<Value = User> {
     (
         some_of(&KEYS),
-        prop::collection::vec(prop::sample::select(&NAMES[..]), 0..4),
+        prop::collection::vec(
+            (
+                prop::sample::select(&NAMES[..]),
+                prop::sample::select(&AGES_HOURS[..]),
+            ),
+            0..5,
+        ),
         any::<bool>(),
         prop::option::weighted(0.2, any::<bool>()),
     )
@@ -57,10 +70,25 @@ fn user() -> impl Strategy<Value = User> {
         })
 }
 
+fn requirement() -> impl Strategy<Value = EventRequirement> {
+    (
+        prop::sample::select(&NAMES[..]),
+        prop::option::of(Just(WINDOW_SECS)),
+        1_i64..=2,
+    )
+        .prop_map(|(name, within_secs, at_least)| EventRequirement {
+            name: name.to_owned(),
+            within_secs,
+            at_least,
+        })
+}
+
 fn clause() -> impl Strategy<Value = CandidateClause> {
-    (some_of(&NAMES), some_of(&KEYS)).prop_map(|(events, keys)| CandidateClause {
-        events: events.into_iter().map(str::to_owned).collect(),
-        keys: keys.into_iter().map(str::to_owned).collect(),
+    (prop::collection::vec(requirement(), 0..3), some_of(&KEYS)).prop_map(|(events, keys)| {
+        CandidateClause {
+            events,
+            keys: keys.into_iter().map(str::to_owned).collect(),
+        }
     })
 }
 
@@ -93,7 +121,8 @@ async fn insert(store: &Store, users: &[User]) -> Result<(), sqlx::Error> {
             .iter()
             .map(|key| ((*key).to_owned(), Value::from(1)))
             .collect();
-        // Everything happened a day ago, unless it arrived after a max_dwell leave.
+        // Everything arrived a day ago (events occurred at their ages), unless it arrived
+        // after a max_dwell leave.
         sqlx::query(
             "INSERT INTO contacts (user_id, properties, updated_at) \
              VALUES ($1, $2, now() - interval '1 day')",
@@ -102,13 +131,14 @@ async fn insert(store: &Store, users: &[User]) -> Result<(), sqlx::Error> {
         .bind(Value::Object(properties))
         .execute(pool)
         .await?;
-        for name in &user.events {
+        for (name, age_hours) in &user.events {
             sqlx::query(
                 "INSERT INTO events (user_id, name, occurred_at, received_at) \
-                 VALUES ($1, $2, now() - interval '1 day', now() - interval '1 day')",
+                 VALUES ($1, $2, now() - make_interval(hours => $3), now() - interval '1 day')",
             )
             .bind(&id)
             .bind(name)
+            .bind(age_hours)
             .execute(pool)
             .await?;
         }
@@ -157,10 +187,20 @@ async fn insert(store: &Store, users: &[User]) -> Result<(), sqlx::Error> {
 
 /// What the pages must hold, from the case alone.
 fn expected(case: &Case) -> Vec<String> {
+    let meets = |user: &User, requirement: &EventRequirement| {
+        let counted = user.events.iter().filter(|(name, age_hours)| {
+            *name == requirement.name
+                && requirement
+                    .within_secs
+                    .is_none_or(|window| (*age_hours as u64) * 3600 <= window)
+        });
+        counted.count() as i64 >= requirement.at_least
+    };
     let holds = |user: &User, clause: &CandidateClause| {
-        user.events
+        clause
+            .events
             .iter()
-            .any(|name| clause.events.iter().any(|c| c == name))
+            .any(|requirement| meets(user, requirement))
             || user
                 .keys
                 .iter()
@@ -187,7 +227,7 @@ async fn check(store: &Store, case: &Case) -> Result<(), TestCaseError> {
     let mut after = Some(String::new());
     while let Some(cursor) = after {
         let page = store
-            .sweep_page(BUCKET, &case.clauses, &cursor, case.page_size)
+            .sweep_page(BUCKET, &case.clauses, &cursor, case.page_size, Utc::now())
             .await
             .map_err(|error| fail("sweep_page", &error))?;
         prop_assert!(page.users.len() as i64 <= case.page_size);

@@ -88,6 +88,9 @@ pub struct ScaleOptions {
     /// Users per set-based page of sweeps and backfills (as `membrane run --page-size`).
     #[arg(long, default_value_t = 2_000)]
     page_size: i64,
+    /// Pages of a sweep checked at once (as `membrane run --sweep-workers`).
+    #[arg(long, default_value_t = 2)]
+    sweep_workers: usize,
     /// Fresh users whose window leaves measure timer lag.
     #[arg(long, default_value_t = 20_000)]
     lag_users: usize,
@@ -100,8 +103,12 @@ pub struct ScaleOptions {
 }
 
 pub async fn run(options: ScaleOptions) -> Result<std::process::ExitCode> {
-    if options.users < 1 || options.events_per_user < 1 || options.page_size < 1 {
-        bail!("--users, --events-per-user and --page-size must be at least 1");
+    if options.users < 1
+        || options.events_per_user < 1
+        || options.page_size < 1
+        || options.sweep_workers < 1
+    {
+        bail!("--users, --events-per-user, --page-size and --sweep-workers must be at least 1");
     }
     // User ids have seven digits.
     if options.users > 10_000_000 {
@@ -149,7 +156,8 @@ async fn measure(store: &Store, buckets_dir: &Path, options: &ScaleOptions) -> R
     // The bench sweeps when it measures, not on an interval.
     config.sweep_interval = Duration::from_secs(365 * 24 * 3600);
     config.page_size = options.page_size;
-    let workers = config.sweep_workers;
+    config.sweep_workers = options.sweep_workers;
+    let workers = options.sweep_workers;
     let engine = membrane_engine::start(store.clone(), config)
         .await
         .context("cannot start the engine")?;

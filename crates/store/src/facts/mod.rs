@@ -17,7 +17,7 @@ use filter_sql::Statement;
 
 /// Unix milliseconds of Postgres's earliest timestamptz (4714-11-24 00:00:00 UTC BC). No event
 /// is older, so a window reaching further back is all of history.
-const EARLIEST_POSTGRES_TIME_MS: i64 = -210_866_803_200_000;
+pub(crate) const EARLIEST_POSTGRES_TIME_MS: i64 = -210_866_803_200_000;
 
 /// An event-count fact to gather: its position in the fact list and its definition.
 struct CountFact<'a> {
@@ -256,7 +256,7 @@ fn count_facts(facts: &[Fact], now_ms: i64) -> Vec<CountFact<'_>> {
 
 /// `now_ms - within_secs`, or `None` when the window reaches back past every storable instant
 /// (including windows too large for the arithmetic).
-fn window_start(now_ms: i64, within_secs: u64) -> Option<DateTime<Utc>> {
+pub(crate) fn window_start(now_ms: i64, within_secs: u64) -> Option<DateTime<Utc>> {
     let within_ms = i64::try_from(within_secs).ok()?.checked_mul(1000)?;
     let since_ms = now_ms.checked_sub(within_ms)?;
     if since_ms < EARLIEST_POSTGRES_TIME_MS {
