@@ -8,7 +8,7 @@
 //! sweep_interval = "60s"        # or a number of seconds: 0.5
 //! round_size = 2000             # users claimed per real-time round
 //! realtime_workers = 2          # real-time rounds at once
-//! sweep_workers = 2             # pages of one sweep checked at once
+//! sweep_workers = 3             # pages of one sweep checked at once
 //! write_keys = ["wk_live_1"]
 //! read_tokens = ["rt_live_1"]
 //! log_format = "json"           # human | json

@@ -27,7 +27,7 @@ pub struct EngineArgs {
     /// Real-time rounds run at once, each on its own connection [default: 2].
     #[arg(long, env = "MEMBRANE_REALTIME_WORKERS")]
     pub realtime_workers: Option<usize>,
-    /// Pages of one sweep checked at once, each on its own connection [default: 2].
+    /// Pages of one sweep checked at once, each on its own connection [default: 3].
     #[arg(long, env = "MEMBRANE_SWEEP_WORKERS")]
     pub sweep_workers: Option<usize>,
     /// Address of the HTTP API (port 0 picks a free port; the address is printed)

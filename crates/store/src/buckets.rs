@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use sqlx::Row;
 
 use crate::round::Round;
 use crate::{Result, Store};
@@ -238,10 +239,8 @@ impl Store {
             .enumerate()
             .map(|(n, sql)| format!(", source_{n} AS ({sql})"))
             .collect();
-        // Where each source that stopped at `limit` stops; the page ends at the first.
-        let stops: Vec<String> = std::iter::once("members".to_owned())
-            .chain((0..sources.len()).map(|n| format!("source_{n}")))
-            .map(|source| format!("(SELECT max(user_id) FROM {source} HAVING count(*) = $3)"))
+        let read_sources: String = (0..sources.len())
+            .map(|n| format!(", ARRAY(SELECT user_id FROM source_{n})"))
             .collect();
         let candidates = if sources.is_empty() {
             "SELECT NULL::text AS user_id WHERE false".to_owned()
@@ -249,31 +248,25 @@ impl Store {
             (0..sources.len())
                 .map(|n| format!("SELECT user_id FROM source_{n}"))
                 .collect::<Vec<_>>()
-                .join(" UNION ")
+                .join(" UNION ALL ")
         };
+        // The members, each source, and the candidates among the sources' users; merging them
+        // into the page is left to Rust, where it costs nothing next to sorting in Postgres.
         let sql = format!(
             "WITH RECURSIVE {}, \
              members AS ( \
                  SELECT user_id FROM memberships \
                  WHERE bucket_id = $1 AND status = 'active' AND user_id > $2 \
-                 ORDER BY user_id LIMIT $3){source_ctes}, \
-             bound AS (SELECT least({}) AS user_id), \
-             candidates AS (SELECT d.user_id FROM ({candidates}) AS d WHERE {}), \
-             page AS ( \
-                 SELECT u.user_id FROM (SELECT user_id FROM members \
-                                        UNION SELECT user_id FROM candidates) AS u, bound \
-                 WHERE bound.user_id IS NULL OR u.user_id <= bound.user_id \
-                 ORDER BY u.user_id LIMIT $3) \
-             SELECT coalesce((SELECT array_agg(user_id ORDER BY user_id) FROM page), '{{}}'), \
-                    (SELECT user_id FROM bound)",
+                 ORDER BY user_id LIMIT $3){source_ctes} \
+             SELECT ARRAY(SELECT user_id FROM members){read_sources}, \
+                    ARRAY(SELECT d.user_id FROM ({candidates}) AS d WHERE {})",
             crate::EVENT_NAMES,
-            stops.join(", "),
             holds.join(" AND ")
         );
         // Whole milliseconds, as fact gathering truncates `now`: no later evaluation's window
         // starts before this one.
         let now_ms = now.timestamp_millis();
-        let mut query = sqlx::query_as(&sql).bind(bucket_id).bind(after).bind(limit);
+        let mut query = sqlx::query(&sql).bind(bucket_id).bind(after).bind(limit);
         for clause in clauses {
             let names: Vec<&str> = clause.events.iter().map(|e| e.name.as_str()).collect();
             let since: Vec<DateTime<Utc>> = clause
@@ -284,12 +277,19 @@ impl Store {
             let least: Vec<i64> = clause.events.iter().map(|e| e.at_least).collect();
             query = query.bind(names).bind(since).bind(least).bind(&clause.keys);
         }
-        let (users, bound): (Vec<String>, Option<String>) = query.fetch_one(self.pool()).await?;
-        let next = match users.last() {
-            Some(last) if users.len() as i64 >= limit => Some(last.clone()),
-            _ => bound,
+        let row = query.fetch_one(self.pool()).await?;
+        // Column 0 the members, then one per source, then the candidates.
+        let read = |column: usize| -> Result<Vec<String>> {
+            let mut users: Vec<String> = row.try_get(column)?;
+            users.sort_unstable();
+            Ok(users)
         };
-        Ok(SweepPage { users, next })
+        let mut lists = Vec::with_capacity(sources.len() + 1);
+        for column in 0..=sources.len() {
+            lists.push(read(column)?);
+        }
+        let candidates = read(sources.len() + 1)?;
+        Ok(page_of(&lists, candidates, limit))
     }
 
     /// Whether `bucket_id` was swept in the last `within`: another engine has done this round
@@ -403,6 +403,29 @@ pub struct SweepPage {
     pub users: Vec<String>,
     /// Where the next page starts (after this user); `None` after the last page.
     pub next: Option<String>,
+}
+
+/// A sweep page from its sources read in user order (`lists`: the members, then each source of
+/// candidates, each read `limit` users at most) and the candidates among them. A source that
+/// stopped at `limit` does not know the users past its last, so the page ends at the first
+/// such source's last user.
+fn page_of(lists: &[Vec<String>], candidates: Vec<String>, limit: i64) -> SweepPage {
+    let full = |list: &&Vec<String>| list.len() as i64 >= limit;
+    let bound = lists
+        .iter()
+        .filter(full)
+        .filter_map(|list| list.last())
+        .min();
+    let mut users: Vec<String> = lists[0].iter().cloned().chain(candidates).collect();
+    users.sort_unstable();
+    users.dedup();
+    users.retain(|user| bound.is_none_or(|bound| user <= bound));
+    users.truncate(usize::try_from(limit).unwrap_or(0));
+    let next = match users.last() {
+        Some(last) if users.len() as i64 >= limit => Some(last.clone()),
+        _ => bound.cloned(),
+    };
+    SweepPage { users, next }
 }
 
 /// What a sweep candidate must meet at least one of: an event requirement, or a property of one

@@ -85,11 +85,11 @@ pub struct ScaleOptions {
     /// Seed of the generator, in [-1, 1] (Postgres `setseed`).
     #[arg(long, default_value_t = 0.5, allow_hyphen_values = true)]
     seed: f64,
-    /// Users per set-based page of sweeps and backfills (as `membrane run --page-size`).
-    #[arg(long, default_value_t = 2_000)]
+    /// Users per set-based page of sweeps and backfills (the engine's default).
+    #[arg(long, default_value_t = 5_000)]
     page_size: i64,
     /// Pages of a sweep checked at once (as `membrane run --sweep-workers`).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     sweep_workers: usize,
     /// Fresh users whose window leaves measure timer lag.
     #[arg(long, default_value_t = 20_000)]
