@@ -193,6 +193,16 @@ pub enum CmpOp {
 }
 
 impl CmpOp {
+    /// Every operator.
+    pub const ALL: [CmpOp; 6] = [
+        CmpOp::Eq,
+        CmpOp::Ne,
+        CmpOp::Lt,
+        CmpOp::Le,
+        CmpOp::Gt,
+        CmpOp::Ge,
+    ];
+
     pub fn symbol(self) -> &'static str {
         match self {
             CmpOp::Eq => "==",

@@ -326,15 +326,7 @@ mod tests {
             within_secs: None,
             filter: None,
         }];
-        let ops = [
-            CmpOp::Eq,
-            CmpOp::Ne,
-            CmpOp::Lt,
-            CmpOp::Le,
-            CmpOp::Gt,
-            CmpOp::Ge,
-        ];
-        for op in ops {
+        for op in CmpOp::ALL {
             for value in -1..=5 {
                 for negated in [false, true] {
                     let leaf = Node::Count { fact: 0, op, value };

@@ -88,15 +88,6 @@ fn prop_cmp(cmp: CmpOp, value: Literal) -> Node {
     prop_test(PropertyTest::Compare { cmp, value })
 }
 
-const ALL_OPS: [CmpOp; 6] = [
-    CmpOp::Eq,
-    CmpOp::Ne,
-    CmpOp::Lt,
-    CmpOp::Le,
-    CmpOp::Gt,
-    CmpOp::Ge,
-];
-
 /// Values of every type, to be put in one property slot.
 fn one_of_each_type() -> Vec<FactValue> {
     vec![
@@ -149,7 +140,7 @@ fn every_literal_type_against_every_value_type_and_operator() {
         Literal::Null,
     ];
     for literal in &literals {
-        for op in ALL_OPS {
+        for op in CmpOp::ALL {
             check_single(
                 property("p"),
                 prop_cmp(op, literal.clone()),
@@ -250,7 +241,7 @@ fn timestamps_compare_with_now_to_the_millisecond() {
             .map(FactValue::Timestamp)
             .chain(one_of_each_type())
             .collect::<Vec<_>>();
-        for op in ALL_OPS {
+        for op in CmpOp::ALL {
             let root = Node::PropNow {
                 fact: 0,
                 op,
@@ -279,7 +270,7 @@ fn now_plus_offset_saturates_like_the_oracle() {
         i64::MIN,
     ] {
         for offset_secs in huge_offsets.into_iter().chain([1, -1]) {
-            for op in ALL_OPS {
+            for op in CmpOp::ALL {
                 let rows: Vec<Vec<FactValue>> = timestamps
                     .iter()
                     .map(|ms| vec![FactValue::Timestamp(*ms)])
@@ -306,7 +297,7 @@ fn counts_compare_signed_and_other_tags_count_as_zero() {
         .chain(one_of_each_type())
         .collect();
     for value in [0, 1, -1, i64::MAX, i64::MIN] {
-        for op in ALL_OPS {
+        for op in CmpOp::ALL {
             check_single(
                 event("login", Some(86_400)),
                 Node::Count { fact: 0, op, value },
@@ -327,7 +318,7 @@ fn empty_and_is_true_and_empty_or_is_false() {
 #[test]
 fn non_ascii_bytes_compare_unsigned() {
     // 'é' is 0xC3 0xA9: above every ASCII byte when compared unsigned.
-    for op in ALL_OPS {
+    for op in CmpOp::ALL {
         check_single(
             property("name"),
             prop_cmp(op, Literal::Str("é".into())),
@@ -462,7 +453,7 @@ fn count() -> impl Strategy<Value = i64> {
 }
 
 fn op() -> impl Strategy<Value = CmpOp> {
-    proptest::sample::select(&ALL_OPS[..])
+    proptest::sample::select(&CmpOp::ALL[..])
 }
 
 fn literal() -> impl Strategy<Value = Literal> {

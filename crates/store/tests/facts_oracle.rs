@@ -144,14 +144,7 @@ fn literal() -> impl Strategy<Value = Literal> {
 }
 
 fn cmp() -> impl Strategy<Value = CmpOp> {
-    prop::sample::select(vec![
-        CmpOp::Eq,
-        CmpOp::Ne,
-        CmpOp::Lt,
-        CmpOp::Le,
-        CmpOp::Gt,
-        CmpOp::Ge,
-    ])
+    prop::sample::select(CmpOp::ALL.to_vec())
 }
 
 fn property_test() -> impl Strategy<Value = PropertyTest> {
