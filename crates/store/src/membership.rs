@@ -90,6 +90,12 @@ pub struct Departure<'a> {
     pub reason: &'a str,
 }
 
+/// The outbox key of a `dwell` transition, over bucket `$1` and a row `d` with `user_id`,
+/// `epoch` and `label`: written by [`Round::dwell`], looked up by
+/// [`Round::unwritten_dwell_marks`].
+const DWELL_KEY: &str =
+    "'bucket:' || $1 || ':' || d.user_id || ':dwell:' || d.epoch || ':' || d.label";
+
 impl Round {
     /// The active memberships of `users` in `bucket_id`, keyed by user.
     pub async fn active_members(
@@ -414,20 +420,18 @@ impl Round {
         let users: Vec<&str> = due.iter().map(|d| d.user_id.as_str()).collect();
         let epochs: Vec<i32> = due.iter().map(|d| d.epoch).collect();
         let labels: Vec<&str> = due.iter().map(|d| d.label.as_str()).collect();
-        let unwritten: Vec<String> = sqlx::query_scalar(
+        let sql = format!(
             "SELECT DISTINCT d.user_id \
              FROM unnest($2::text[], $3::int[], $4::text[]) AS d(user_id, epoch, label) \
-             WHERE NOT EXISTS (SELECT 1 FROM transitions t \
-                 WHERE t.key = 'bucket:' || $1 || ':' || d.user_id || ':dwell:' || d.epoch \
-                               || ':' || d.label \
-                 OFFSET 0)",
-        )
-        .bind(bucket_id)
-        .bind(&users)
-        .bind(&epochs)
-        .bind(&labels)
-        .fetch_all(&mut *self.tx)
-        .await?;
+             WHERE NOT EXISTS (SELECT 1 FROM transitions t WHERE t.key = {DWELL_KEY} OFFSET 0)"
+        );
+        let unwritten: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(bucket_id)
+            .bind(&users)
+            .bind(&epochs)
+            .bind(&labels)
+            .fetch_all(&mut *self.tx)
+            .await?;
         Ok(unwritten.into_iter().collect())
     }
 
@@ -446,10 +450,10 @@ impl Round {
         let epochs: Vec<i32> = due.iter().map(|d| d.epoch).collect();
         let labels: Vec<&str> = due.iter().map(|d| d.label.as_str()).collect();
         let instants: Vec<DateTime<Utc>> = due.iter().map(|d| d.at).collect();
-        let written: i64 = sqlx::query_scalar(
+        let sql = format!(
             "WITH emitted AS ( \
                  INSERT INTO transitions (key, bucket_id, user_id, kind, epoch, label, source, reason, occurred_at) \
-                 SELECT 'bucket:' || $1 || ':' || d.user_id || ':dwell:' || d.epoch || ':' || d.label, \
+                 SELECT {DWELL_KEY}, \
                         $1, d.user_id, 'dwell', d.epoch, d.label, $2, 'dwell', d.at \
                  FROM unnest($3::text[], $4::int[], $5::text[], $6::timestamptz[]) AS d(user_id, epoch, label, at) \
                  WHERE EXISTS (SELECT 1 FROM memberships m WHERE m.bucket_id = $1 \
@@ -457,16 +461,17 @@ impl Round {
                       OFFSET 0) \
                  ON CONFLICT (key) DO NOTHING \
                  RETURNING 1) \
-             SELECT count(*) FROM emitted",
-        )
-        .bind(bucket_id)
-        .bind(source.as_str())
-        .bind(&users)
-        .bind(&epochs)
-        .bind(&labels)
-        .bind(&instants)
-        .fetch_one(&mut *self.tx)
-        .await?;
+             SELECT count(*) FROM emitted"
+        );
+        let written: i64 = sqlx::query_scalar(&sql)
+            .bind(bucket_id)
+            .bind(source.as_str())
+            .bind(&users)
+            .bind(&epochs)
+            .bind(&labels)
+            .bind(&instants)
+            .fetch_one(&mut *self.tx)
+            .await?;
         self.account(
             bucket_id,
             0,
