@@ -100,6 +100,8 @@ pub async fn evaluate_batches(
         .map(|batch| FactRequest {
             users: batch.users,
             facts: &batch.bucket.facts,
+            // A backfill's page is every known user in a range.
+            page: batch.recording.source == Source::Backfill,
         })
         .collect();
     // Only time-based criteria need the instants of their windows' events.
@@ -473,6 +475,7 @@ pub async fn users_to_change(
     let requests = [FactRequest {
         users: batch.users,
         facts: &bucket.facts,
+        page: true,
     }];
     let timed = [clock_plan(bucket).is_some()];
     let (facts, window_events) = round

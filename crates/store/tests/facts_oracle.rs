@@ -311,18 +311,22 @@ async fn check(store: &Store, case: &Case) -> Result<(), TestCaseError> {
         .begin_round()
         .await
         .map_err(|error| TestCaseError::fail(format!("begin: {error}")))?;
-    // Two batches in one call, as a round gathers for several buckets: the first half of the
-    // users with the case's facts, the rest with the same facts in reverse order.
-    let half = ids.len() / 2;
+    // Two batches in one call, as a round gathers for several buckets: the even users with
+    // the case's facts, probed, and the odd ones with the same facts in reverse order, read as
+    // a page (their span holds the even users' events too).
+    let (even, odd) = common::alternate(&ids);
+    let half = even.len();
     let reversed: Vec<Fact> = case.facts.iter().rev().cloned().collect();
     let requests = [
         FactRequest {
-            users: &ids[..half],
+            users: &even,
             facts: &case.facts,
+            page: false,
         },
         FactRequest {
-            users: &ids[half..],
+            users: &odd,
             facts: &reversed,
+            page: true,
         },
     ];
     let batches = round
@@ -332,14 +336,17 @@ async fn check(store: &Store, case: &Case) -> Result<(), TestCaseError> {
     prop_assert_eq!(batches.len(), 2);
     prop_assert_eq!(batches[0].users(), half);
     prop_assert_eq!(batches[1].users(), case.users.len() - half);
-    let gathered: Vec<Vec<FactValue>> = batches[0]
-        .rows()
-        .into_iter()
-        .chain(batches[1].rows().into_iter().map(|mut row| {
-            row.reverse();
-            row
-        }))
-        .collect();
+    let gathered: Vec<Vec<FactValue>> = common::interleave(
+        batches[0].rows(),
+        batches[1]
+            .rows()
+            .into_iter()
+            .map(|mut row| {
+                row.reverse();
+                row
+            })
+            .collect(),
+    );
 
     let now_ms = case.now.timestamp_millis();
     let no_properties = Map::new();
@@ -443,5 +450,72 @@ fn counts_are_per_user_and_per_fact() {
                 ],
             ]
         );
+    });
+}
+
+/// Span reads that stop at their cap (8 entries per user of the page): the odd users (a page
+/// of three, so 24 entries) sit among even users with many events, so one read stops inside a
+/// page user's events and another inside a user outside the page, and a filtered count is
+/// read from the span too. Users before the stop come from the span, the rest from probes.
+#[test]
+fn span_reads_that_stop_at_their_cap_fall_back_to_probes() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let database = fresh_database().await.expect("a fresh test database");
+        let now = DateTime::from_timestamp_micros(BASE_NOW_US).expect("valid instant");
+        let now_ms = now.timestamp_millis();
+        // `count` events named `name`, one a minute back from now, every other one on "pro".
+        let events = |name: &str, count: i64| -> Vec<RawEvent> {
+            (0..count)
+                .map(|n| RawEvent {
+                    name: name.into(),
+                    occurred_at_ms: now_ms - n * 60_000,
+                    properties: [(
+                        "plan".to_owned(),
+                        Value::from(["pro", "free"][n as usize % 2]),
+                    )]
+                    .into_iter()
+                    .collect(),
+                })
+                .collect()
+        };
+        let user = |events: Vec<RawEvent>| User {
+            properties: None,
+            events,
+        };
+        let users = vec![
+            user(events("a", 1)),
+            user(events("a", 3)),
+            user([events("a", 20), events("b", 30)].concat()),
+            user([events("a", 30), events("b", 2)].concat()),
+            user(events("b", 1)),
+            user(events("a", 2)),
+        ];
+        let pro = EventFilter::Test {
+            key: "plan".into(),
+            test: PropertyTest::StartsWith { value: "p".into() },
+        };
+        let facts = vec![
+            Fact::EventCount {
+                event: "a".into(),
+                within_secs: Some(3600),
+                filter: None,
+            },
+            Fact::EventCount {
+                event: "b".into(),
+                within_secs: None,
+                filter: Some(pro),
+            },
+            Fact::EventCount {
+                event: "a".into(),
+                within_secs: Some(600),
+                filter: None,
+            },
+        ];
+        let case = Case { now, users, facts };
+        check(&database.store, &case).await.expect("oracle agrees");
     });
 }

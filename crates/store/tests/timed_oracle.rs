@@ -172,18 +172,22 @@ async fn check(store: &Store, case: &Case) -> Result<(), TestCaseError> {
         .begin_round()
         .await
         .map_err(|error| TestCaseError::fail(format!("begin: {error}")))?;
-    // Two batches in one call, as a round gathers for several buckets: the first half of the
-    // users with the case's facts, the rest with the same facts in reverse order.
-    let half = ids.len() / 2;
+    // Two batches in one call, as a round gathers for several buckets: the even users with
+    // the case's facts, probed, and the odd ones with the same facts in reverse order, read as
+    // a page (their span holds the even users' events too).
+    let (even, odd) = common::alternate(&ids);
+    let half = even.len();
     let reversed: Vec<Fact> = case.facts.iter().rev().cloned().collect();
     let requests = [
         FactRequest {
-            users: &ids[..half],
+            users: &even,
             facts: &case.facts,
+            page: false,
         },
         FactRequest {
-            users: &ids[half..],
+            users: &odd,
             facts: &reversed,
+            page: true,
         },
     ];
     let mut batches = round
@@ -194,13 +198,16 @@ async fn check(store: &Store, case: &Case) -> Result<(), TestCaseError> {
     let second = batches.pop().unwrap_or_default();
     let first = batches.pop().unwrap_or_default();
     prop_assert_eq!(first.len(), half);
-    let gathered: Vec<Vec<Vec<i64>>> = first
-        .into_iter()
-        .chain(second.into_iter().map(|mut row| {
-            row.reverse();
-            row
-        }))
-        .collect();
+    let gathered: Vec<Vec<Vec<i64>>> = common::interleave(
+        first,
+        second
+            .into_iter()
+            .map(|mut row| {
+                row.reverse();
+                row
+            })
+            .collect(),
+    );
     prop_assert_eq!(gathered.len(), case.users.len());
     let now_ms = case.now.timestamp_millis();
     for ((events, id), row) in case.users.iter().zip(&ids).zip(gathered) {
@@ -293,5 +300,58 @@ fn window_edges_are_exact() {
                 vec![vec![], vec![], vec![]],
             ]
         );
+    });
+}
+
+/// Span reads that stop at their cap (8 entries per user of the page): the odd users (a page
+/// of three, so 24 entries) sit among even users with many events, so one read stops inside a
+/// page user's events and another inside a user outside the page. Users before the stop come
+/// from the span, the rest from probes, and all agree with the oracle.
+#[test]
+fn span_reads_that_stop_at_their_cap_fall_back_to_probes() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let database = fresh_database().await.expect("a fresh test database");
+        let now = DateTime::from_timestamp_micros(BASE_NOW_US + 999).expect("valid instant");
+        let now_ms = now.timestamp_millis();
+        // `count` events named `name`, one a minute back from now.
+        let events = |name: &str, count: i64| -> Vec<Event> {
+            (0..count)
+                .map(|n| Event {
+                    raw: RawEvent {
+                        name: name.into(),
+                        occurred_at_ms: now_ms - n * 60_000,
+                        properties: Map::new(),
+                    },
+                    sub_ms_us: 0,
+                })
+                .collect()
+        };
+        let users = vec![
+            events("a", 1),
+            events("a", 3),                              // page: counted from the span
+            [events("a", 20), events("b", 30)].concat(), // outside the page
+            [events("a", 30), events("b", 2)].concat(),  // page: "a" stops inside it
+            events("b", 1),
+            events("a", 2), // page: probed for "a"
+        ];
+        let facts = vec![
+            Fact::EventCount {
+                event: "a".into(),
+                within_secs: Some(3600),
+                filter: None,
+            },
+            // Stops at the third user's 24th "b" (the page's span starts at the second).
+            Fact::EventCount {
+                event: "b".into(),
+                within_secs: Some(600),
+                filter: None,
+            },
+        ];
+        let case = Case { now, users, facts };
+        check(&database.store, &case).await.expect("oracle agrees");
     });
 }

@@ -21,7 +21,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use futures::{StreamExt, TryStreamExt};
 use membrane_engine::{EngineHandle, LoadedBucket, SweepPages};
 use membrane_store::bench::Population;
-use membrane_store::{Message, Store};
+use membrane_store::{FactRequest, Message, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -319,7 +319,12 @@ async fn sweep_floor(
         .map(|page| async move {
             let page = page?;
             let mut round = store.begin_round().await?;
-            round.gather_facts(&page, &bucket.facts, Utc::now()).await?;
+            let request = FactRequest {
+                users: &page,
+                facts: &bucket.facts,
+                page: true,
+            };
+            round.gather_facts_for(&[request], Utc::now()).await?;
             Ok::<_, anyhow::Error>(page.len())
         })
         .buffer_unordered(workers)

@@ -16,6 +16,7 @@ use sqlx::Postgres;
 enum Param {
     Text(String),
     TextArray(Vec<String>),
+    BigInt(i64),
     Float(f64),
     Bool(bool),
     Timestamp(DateTime<Utc>),
@@ -42,6 +43,10 @@ impl Statement {
         self.bind(Param::TextArray(values))
     }
 
+    pub(super) fn bind_int8(&mut self, value: i64) -> String {
+        self.bind(Param::BigInt(value))
+    }
+
     pub(super) fn bind_timestamp(&mut self, value: DateTime<Utc>) -> String {
         self.bind(Param::Timestamp(value))
     }
@@ -51,6 +56,7 @@ impl Statement {
         let sql_type = match &param {
             Param::Text(_) => "text",
             Param::TextArray(_) => "text[]",
+            Param::BigInt(_) => "int8",
             Param::Float(_) => "float8",
             Param::Bool(_) => "boolean",
             Param::Timestamp(_) => "timestamptz",
@@ -73,6 +79,7 @@ impl Statement {
             .fold(sqlx::query_as(&self.sql), |query, param| match param {
                 Param::Text(value) => query.bind(value),
                 Param::TextArray(values) => query.bind(values),
+                Param::BigInt(value) => query.bind(value),
                 Param::Float(value) => query.bind(value),
                 Param::Bool(value) => query.bind(value),
                 Param::Timestamp(value) => query.bind(value),

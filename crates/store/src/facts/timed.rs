@@ -22,7 +22,14 @@ impl Round {
         now: DateTime<Utc>,
     ) -> Result<WindowEvents> {
         let mut batches = self
-            .gather_window_events_for(&[FactRequest { users, facts }], now)
+            .gather_window_events_for(
+                &[FactRequest {
+                    users,
+                    facts,
+                    page: false,
+                }],
+                now,
+            )
             .await?;
         Ok(batches.pop().expect("one list per request"))
     }

@@ -37,3 +37,19 @@ where
         panic!("{failure}");
     }
 }
+
+/// The users at even positions and those at odd ones: two batches whose spans interleave.
+#[allow(dead_code)] // not every test binary splits batches
+pub fn alternate(users: &[String]) -> (Vec<String>, Vec<String>) {
+    let at = |parity: usize| users.iter().skip(parity).step_by(2).cloned().collect();
+    (at(0), at(1))
+}
+
+/// Rows of the even and the odd users (see [`alternate`]) back in the users' order.
+#[allow(dead_code)]
+pub fn interleave<T>(even: Vec<T>, odd: Vec<T>) -> Vec<T> {
+    let mut odd = odd.into_iter();
+    even.into_iter()
+        .flat_map(|row| std::iter::once(row).chain(odd.next()))
+        .collect()
+}
