@@ -461,8 +461,9 @@ fn next_instants(
 
 /// The users of `batch` whose evaluation at `now` would write anything: a join (unless the
 /// bucket never joins by the clock), a leave, a due `dwell` mark not written yet, or a timer
-/// to arm, move or remove. It reads the memberships and timers of the whole span from the first user to the
-/// last, so it suits users in user order, as a sweep's pages are. It only reads, and locks
+/// to arm, move or remove. It reads the event counts, memberships and timers of the whole span
+/// from the first user to the last, so it suits a page of users in user order, as a sweep's
+/// pages are. It only reads, and locks
 /// nothing: a sweep asks it of each page, then evaluates just these users, locked, with
 /// [`evaluate_batches`], which decides again on what it reads then. A fault of the predicate
 /// is returned as [`EngineError::Predicate`].

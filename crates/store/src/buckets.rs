@@ -229,10 +229,9 @@ impl Store {
             }
             holds.push(format!("({})", either.join(" OR ")));
         }
-        holds.push(format!(
-            "NOT {}",
-            crate::timers::rejoin_blocked("d.user_id")
-        ));
+        if holds.is_empty() {
+            holds.push("true".to_owned());
+        }
 
         let source_ctes: String = sources
             .iter()
@@ -250,20 +249,28 @@ impl Store {
                 .collect::<Vec<_>>()
                 .join(" UNION ALL ")
         };
-        // The members, each source, and the candidates among the sources' users; Rust merges
-        // them into the page (`page_of`): a union, a sort and two aggregates per source in
-        // Postgres were a fifth of finding a page. Byte order on both sides: user ids are
-        // `COLLATE "C"`.
+        // The members, each source, the candidates among the sources' users, and the users
+        // among those the clock may not re-admit; Rust merges them into the page
+        // (`page_of`): a union, a sort and two aggregates per source in Postgres were a fifth
+        // of finding a page. Those max_dwell took out are one range of a partial index, not a
+        // probe per candidate. Byte order on both sides: user ids are `COLLATE "C"`.
         let sql = format!(
             "WITH RECURSIVE {}, \
              members AS ( \
                  SELECT user_id FROM memberships \
                  WHERE bucket_id = $1 AND status = 'active' AND user_id > $2 \
-                 ORDER BY user_id LIMIT $3){source_ctes} \
+                 ORDER BY user_id LIMIT $3){source_ctes}, \
+             candidates AS (SELECT d.user_id FROM ({candidates}) AS d WHERE {}) \
              SELECT ARRAY(SELECT user_id FROM members){read_sources}, \
-                    ARRAY(SELECT d.user_id FROM ({candidates}) AS d WHERE {})",
+                    ARRAY(SELECT user_id FROM candidates), \
+                    ARRAY(SELECT b.user_id FROM ( \
+                        SELECT DISTINCT t.user_id FROM transitions t \
+                        WHERE t.reason = 'max_dwell' AND t.bucket_id = $1 AND t.user_id > $2 \
+                          AND t.user_id <= (SELECT max(user_id) FROM candidates)) AS b \
+                          WHERE {})",
             crate::EVENT_NAMES,
-            holds.join(" AND ")
+            holds.join(" AND "),
+            crate::timers::rejoin_blocked("b.user_id")
         );
         // Whole milliseconds, as fact gathering truncates `now`: no later evaluation's window
         // starts before this one.
@@ -280,7 +287,7 @@ impl Store {
             query = query.bind(names).bind(since).bind(least).bind(&clause.keys);
         }
         let row = query.fetch_one(self.pool()).await?;
-        // Column 0 the members, then one per source, then the candidates.
+        // Column 0 the members, then one per source, then the candidates, then the blocked.
         let read = |column: usize| -> Result<Vec<String>> {
             let mut users: Vec<String> = row.try_get(column)?;
             users.sort_unstable();
@@ -290,7 +297,9 @@ impl Store {
         for column in 0..=sources.len() {
             lists.push(read(column)?);
         }
-        let candidates = read(sources.len() + 1)?;
+        let mut candidates = read(sources.len() + 1)?;
+        let blocked = read(sources.len() + 2)?;
+        candidates.retain(|user| blocked.binary_search(user).is_err());
         Ok(page_of(&lists, candidates, limit))
     }
 
