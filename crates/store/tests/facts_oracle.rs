@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::{DateTime, Utc};
 use membrane_abi::{CmpOp, EventFilter, Fact, FactValue, Literal, PropertyTest};
 use membrane_criteria::eval::{gather_from_raw, RawEvent};
-use membrane_store::testing::fresh_database;
 use membrane_store::{FactRequest, Store};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -379,12 +378,7 @@ fn gathered_facts_equal_the_oracle() {
 /// a filter and its negation, and a user without events who must get zeros.
 #[test]
 fn counts_are_per_user_and_per_fact() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(async {
-        let database = fresh_database().await.expect("a fresh test database");
+    common::in_fresh_database(|store| async move {
         let now = DateTime::from_timestamp_micros(BASE_NOW_US + 999).expect("valid instant");
         let event = |offset_ms: i64, plan: &str| RawEvent {
             name: "a".into(),
@@ -427,10 +421,10 @@ fn counts_are_per_user_and_per_fact() {
             },
         ];
         let case = Case { now, users, facts };
-        check(&database.store, &case).await.expect("oracle agrees");
+        check(&store, &case).await.expect("oracle agrees");
 
-        let ids = insert(&database.store, &case.users).await.expect("insert");
-        let mut round = database.store.begin_round().await.expect("round");
+        let ids = insert(&store, &case.users).await.expect("insert");
+        let mut round = store.begin_round().await.expect("round");
         let gathered = round
             .gather_facts(&ids, &case.facts, now)
             .await
@@ -459,12 +453,7 @@ fn counts_are_per_user_and_per_fact() {
 /// read from the span too. Users before the stop come from the span, the rest from probes.
 #[test]
 fn span_reads_that_stop_at_their_cap_fall_back_to_probes() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(async {
-        let database = fresh_database().await.expect("a fresh test database");
+    common::in_fresh_database(|store| async move {
         let now = DateTime::from_timestamp_micros(BASE_NOW_US).expect("valid instant");
         let now_ms = now.timestamp_millis();
         // `count` events named `name`, one a minute back from now, every other one on "pro".
@@ -516,6 +505,6 @@ fn span_reads_that_stop_at_their_cap_fall_back_to_probes() {
             },
         ];
         let case = Case { now, users, facts };
-        check(&database.store, &case).await.expect("oracle agrees");
+        check(&store, &case).await.expect("oracle agrees");
     });
 }

@@ -15,7 +15,6 @@ use chrono::{DateTime, Utc};
 use membrane_abi::{CmpOp, EventFilter, Fact, Literal, PropertyTest};
 use membrane_criteria::clock::timed_facts_from_raw;
 use membrane_criteria::eval::RawEvent;
-use membrane_store::testing::fresh_database;
 use membrane_store::{FactRequest, Store};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -241,12 +240,7 @@ fn window_events_equal_the_oracle() {
 /// unwindowed count (never listed) and a user without events.
 #[test]
 fn window_edges_are_exact() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(async {
-        let database = fresh_database().await.expect("a fresh test database");
+    common::in_fresh_database(|store| async move {
         let now = DateTime::from_timestamp_micros(BASE_NOW_US + 999).expect("valid instant");
         let now_ms = now.timestamp_millis();
         let event = |offset_ms: i64, plan: &str| Event {
@@ -284,10 +278,10 @@ fn window_edges_are_exact() {
             },
         ];
         let case = Case { now, users, facts };
-        check(&database.store, &case).await.expect("oracle agrees");
+        check(&store, &case).await.expect("oracle agrees");
 
-        let ids = insert(&database.store, &case.users).await.expect("insert");
-        let mut round = database.store.begin_round().await.expect("round");
+        let ids = insert(&store, &case.users).await.expect("insert");
+        let mut round = store.begin_round().await.expect("round");
         let mut gathered = round
             .gather_window_events(&ids, &case.facts, now)
             .await
@@ -309,12 +303,7 @@ fn window_edges_are_exact() {
 /// from the span, the rest from probes, and all agree with the oracle.
 #[test]
 fn span_reads_that_stop_at_their_cap_fall_back_to_probes() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(async {
-        let database = fresh_database().await.expect("a fresh test database");
+    common::in_fresh_database(|store| async move {
         let now = DateTime::from_timestamp_micros(BASE_NOW_US + 999).expect("valid instant");
         let now_ms = now.timestamp_millis();
         // `count` events named `name`, one a minute back from now.
@@ -352,6 +341,6 @@ fn span_reads_that_stop_at_their_cap_fall_back_to_probes() {
             },
         ];
         let case = Case { now, users, facts };
-        check(&database.store, &case).await.expect("oracle agrees");
+        check(&store, &case).await.expect("oracle agrees");
     });
 }

@@ -480,15 +480,7 @@ fn count_arm(statement: &mut Statement, arm: usize, probe: &CountArm, instants: 
     let mut windowed_instants = Vec::new();
     for fact in count_facts {
         let mut conditions = vec![format!("e.name = {}", statement.bind_text(fact.event))];
-        if let Some(since) = fact.since {
-            conditions.push(format!(
-                "e.occurred_at >= {}",
-                statement.bind_timestamp(since)
-            ));
-        }
-        if let Some(filter) = fact.filter {
-            conditions.push(statement.event_filter(filter, "e.properties"));
-        }
+        conditions.extend(counted_conditions(statement, fact, "e"));
         let condition = conditions.join(" AND ");
         if instants && fact.windowed {
             windowed_instants.push(format!(
@@ -523,6 +515,20 @@ fn count_arm(statement: &mut Statement, arm: usize, probe: &CountArm, instants: 
     )
 }
 
+/// What an event of the fact's name must meet to be counted, over the event row `alias`: its
+/// window and its filter (none when the fact has neither).
+fn counted_conditions(statement: &mut Statement, fact: &CountFact<'_>, alias: &str) -> Vec<String> {
+    let mut conditions = Vec::new();
+    if let Some(since) = fact.since {
+        let since = statement.bind_timestamp(since);
+        conditions.push(format!("{alias}.occurred_at >= {since}"));
+    }
+    if let Some(filter) = fact.filter {
+        conditions.push(statement.event_filter(filter, &format!("{alias}.properties")));
+    }
+    conditions
+}
+
 /// One span read's result: its arm, the index entries it scanned, the last user scanned, and
 /// the user and instant of each event the fact counts, in user order.
 type SpanRow = (i32, i64, Option<String>, Vec<String>, Vec<DateTime<Utc>>);
@@ -555,16 +561,7 @@ fn span_arm(
     let name = statement.bind_text(fact.event);
     let (first, last) = (statement.bind_text(first), statement.bind_text(last));
     let cap = statement.bind_int8(i64::try_from(cap).unwrap_or(i64::MAX));
-    let mut conditions = Vec::new();
-    if let Some(since) = fact.since {
-        conditions.push(format!(
-            "s.occurred_at >= {}",
-            statement.bind_timestamp(since)
-        ));
-    }
-    if let Some(filter) = fact.filter {
-        conditions.push(statement.event_filter(filter, "s.properties"));
-    }
+    let conditions = counted_conditions(statement, fact, "s");
     let counted = if conditions.is_empty() {
         String::new()
     } else {

@@ -53,3 +53,20 @@ pub fn interleave<T>(even: Vec<T>, odd: Vec<T>) -> Vec<T> {
         .flat_map(|row| std::iter::once(row).chain(odd.next()))
         .collect()
 }
+
+/// Runs a hand-checked `test` against a fresh database's store.
+#[allow(dead_code)] // not every test binary has hand-checked tests
+pub fn in_fresh_database<F, Fut>(test: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let database = fresh_database().await.expect("a fresh test database");
+        test(database.store.clone()).await;
+    });
+}
