@@ -463,9 +463,9 @@ fn next_instants(
 /// bucket never joins by the clock), a leave, a due `dwell` mark not written yet, or a timer
 /// to arm, move or remove. It reads the event counts, memberships and timers of the whole span
 /// from the first user to the last, so it suits a page of users in user order, as a sweep's
-/// pages are. It only reads, and locks
-/// nothing: a sweep asks it of each page, then evaluates just these users, locked, with
-/// [`evaluate_batches`], which decides again on what it reads then. A fault of the predicate
+/// pages are. It only reads, and locks nothing: a sweep asks it of each page, then evaluates
+/// just these users, locked, with [`evaluate_batches`], which decides again on what it reads
+/// then. A fault of the predicate
 /// is returned as [`EngineError::Predicate`].
 pub async fn users_to_change(
     round: &mut Round,

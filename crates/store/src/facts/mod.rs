@@ -183,7 +183,7 @@ impl Round {
                 for user in users {
                     let at = instants.next();
                     if bound.as_ref().is_some_and(|bound| &user >= bound) {
-                        break; // rows come in user order
+                        continue; // probed below
                     }
                     let Some(&row) = positions[batch].get(user.as_str()) else {
                         continue; // in the span, not in the page
@@ -451,9 +451,9 @@ fn property_time(value: &Value) -> SlotValue<'static> {
 }
 
 /// One scan of each of the arm's users' events of the named kinds, counting every fact of the
-/// arm at once, as one arm of the round's counting statement; with `instants`, the last column also lists, for each
-/// windowed fact in order, the instants (Unix ms, rounded down as the oracle reads them) of the
-/// events it counted:
+/// arm at once, as one arm of the round's counting statement; with `instants`, the last column
+/// also lists, for each windowed fact in order, the instants (Unix ms, rounded down as the
+/// oracle reads them) of the events it counted:
 ///
 /// ```sql
 /// SELECT <arm>, u.user_id, c.counts, c.instants FROM unnest($1) AS u(user_id)
