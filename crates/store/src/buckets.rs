@@ -142,9 +142,9 @@ impl Store {
     /// the least count of 2, 117k remain).
     /// A page ends where the first source that stopped at `limit` ends, as past there it
     /// does not know every user; the other clauses are index probes per candidate, reading
-    /// up to each requirement's least count of events. A user
-    /// whose last membership ended by `max_dwell` is left out unless an event or property
-    /// change arrived after that leave: the clock alone never re-admits them.
+    /// up to each requirement's least count of events. A user whose last membership ended by
+    /// `max_dwell` is left out unless an event or property change arrived after that leave:
+    /// the clock alone never re-admits them.
     pub async fn sweep_page(
         &self,
         bucket_id: &str,

@@ -374,6 +374,14 @@ fn gathered_facts_equal_the_oracle() {
     });
 }
 
+/// The filter of the hand-checked tests: events on a plan starting with "p" (the "pro" ones).
+fn plan_starts_with_p() -> EventFilter {
+    EventFilter::Test {
+        key: "plan".into(),
+        test: PropertyTest::StartsWith { value: "p".into() },
+    }
+}
+
 /// A hand-checked batch: window edges at millisecond precision with a sub-millisecond `now`,
 /// a filter and its negation, and a user without events who must get zeros.
 #[test]
@@ -397,21 +405,17 @@ fn counts_are_per_user_and_per_fact() {
                 events: vec![],
             },
         ];
-        let pro = EventFilter::Test {
-            key: "plan".into(),
-            test: PropertyTest::StartsWith { value: "p".into() },
-        };
         let facts = vec![
             Fact::EventCount {
                 event: "a".into(),
                 within_secs: Some(1),
-                filter: Some(pro.clone()),
+                filter: Some(plan_starts_with_p()),
             },
             Fact::EventCount {
                 event: "a".into(),
                 within_secs: None,
                 filter: Some(EventFilter::Not {
-                    filter: Box::new(pro),
+                    filter: Box::new(plan_starts_with_p()),
                 }),
             },
             Fact::EventCount {
@@ -483,10 +487,6 @@ fn span_reads_that_stop_at_their_cap_fall_back_to_probes() {
             user(events("b", 1)),
             user(events("a", 2)),
         ];
-        let pro = EventFilter::Test {
-            key: "plan".into(),
-            test: PropertyTest::StartsWith { value: "p".into() },
-        };
         let facts = vec![
             Fact::EventCount {
                 event: "a".into(),
@@ -496,7 +496,7 @@ fn span_reads_that_stop_at_their_cap_fall_back_to_probes() {
             Fact::EventCount {
                 event: "b".into(),
                 within_secs: None,
-                filter: Some(pro),
+                filter: Some(plan_starts_with_p()),
             },
             Fact::EventCount {
                 event: "a".into(),
